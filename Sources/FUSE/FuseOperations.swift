@@ -1,0 +1,238 @@
+import CFuse
+import Foundation
+import Logging
+import RBDFS
+
+/// The libfuse low-level operations table. Each handler finds the session from the request's userdata,
+/// copies what it needs out of the C arguments (they die when the handler returns), asks the filesystem,
+/// and replies exactly once — for reads, writes and flushes from the storage completion.
+///
+/// The handlers live in this nonisolated type, not in top-level code, so that Swift does not treat them as
+/// main-actor code when libfuse calls them from its worker threads.
+enum FuseOperations {
+    static func table() -> fuse_lowlevel_ops {
+        var ops = fuse_lowlevel_ops()
+        ops.`init` = { userdata, connection in
+            guard let userdata, let connection else { return }
+            FuseOperations.session(userdata).configure(connection)
+        }
+        ops.lookup = { request, parent, name in
+            guard let request, let cName = name else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            do throws(FSError) {
+                s.replyEntry(request, try s.filesystem.lookup(parent: parent, name: name))
+            } catch {
+                s.replyError(request, error, operation: "lookup \(name)")
+            }
+        }
+        ops.forget = { request, inode, count in
+            guard let request else { return }
+            FuseOperations.session(request).filesystem.forget(inode, count: count)
+            fuse_reply_none(request)
+        }
+        ops.forget_multi = { request, count, forgets in
+            guard let request else { return }
+            let s = FuseOperations.session(request)
+            for item in UnsafeBufferPointer(start: forgets, count: count) {
+                s.filesystem.forget(item.ino, count: item.nlookup)
+            }
+            fuse_reply_none(request)
+        }
+        ops.getattr = { request, inode, _ in
+            guard let request else { return }
+            let s = FuseOperations.session(request)
+            do throws(FSError) {
+                s.replyAttributes(request, try s.filesystem.getattr(inode))
+            } catch {
+                s.replyError(request, error, operation: "getattr")
+            }
+        }
+        ops.setattr = { request, inode, attributes, toSet, _ in
+            guard let request, let attributes else { return }
+            let s = FuseOperations.session(request)
+            var changes = AttributeChanges()
+            if toSet & FUSE_SET_ATTR_SIZE != 0 { changes.size = UInt64(max(0, attributes.pointee.st_size)) }
+            if toSet & FUSE_SET_ATTR_MODE != 0 { changes.mode = attributes.pointee.st_mode }
+            if toSet & FUSE_SET_ATTR_UID != 0 { changes.uid = attributes.pointee.st_uid }
+            if toSet & FUSE_SET_ATTR_GID != 0 { changes.gid = attributes.pointee.st_gid }
+            let timeBits = FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME
+            changes.times = toSet & timeBits != 0
+            do throws(FSError) {
+                s.replyAttributes(request, try s.filesystem.setattr(inode, changes: changes))
+            } catch {
+                s.replyError(request, error, operation: "setattr")
+            }
+        }
+        ops.opendir = { request, inode, info in
+            guard let request, let info else { return }
+            let s = FuseOperations.session(request)
+            do throws(FSError) {
+                info.pointee.fh = try s.filesystem.openDirectory(inode)
+                fuse_reply_open(request, info)
+            } catch {
+                s.replyError(request, error, operation: "opendir")
+            }
+        }
+        ops.readdir = { request, inode, size, offset, info in
+            guard let request, let info else { return }
+            FuseOperations.session(request).readDirectory(request, inode: inode, size: size, offset: offset, handle: info.pointee.fh, plus: false)
+        }
+        ops.readdirplus = { request, inode, size, offset, info in
+            guard let request, let info else { return }
+            FuseOperations.session(request).readDirectory(request, inode: inode, size: size, offset: offset, handle: info.pointee.fh, plus: true)
+        }
+        ops.releasedir = { request, _, info in
+            guard let request, let info else { return }
+            FuseOperations.session(request).filesystem.releaseDirectory(info.pointee.fh)
+            fuse_reply_err(request, 0)
+        }
+        ops.open = { request, inode, info in
+            guard let request, let info else { return }
+            let s = FuseOperations.session(request)
+            do throws(FSError) {
+                info.pointee.fh = try s.filesystem.open(inode, flags: info.pointee.flags)
+                fuse_reply_open(request, info)
+            } catch {
+                s.replyError(request, error, operation: "open")
+            }
+        }
+        ops.read = { request, _, size, offset, info in
+            guard let request, let info else { return }
+            let s = FuseOperations.session(request), pending = PendingRequest(request)
+            s.filesystem.read(info.pointee.fh, offset: UInt64(max(0, offset)), size: size) { result in
+                switch result {
+                case .success(let data): fuse_reply_buf(pending.request, data.baseAddress, data.count)
+                case .failure(let error): s.replyError(pending.request, error, operation: "read at \(offset)")
+                }
+            }
+        }
+        ops.write = { request, _, buffer, size, offset, info in
+            guard let request, let info else { return }
+            let s = FuseOperations.session(request), pending = PendingRequest(request)
+            let data = UnsafeRawBufferPointer(start: buffer, count: size)
+            s.filesystem.write(info.pointee.fh, offset: UInt64(max(0, offset)), data: data) { result in
+                switch result {
+                case .success(let count): fuse_reply_write(pending.request, count)
+                case .failure(let error): s.replyError(pending.request, error, operation: "write at \(offset)")
+                }
+            }
+        }
+        ops.flush = { request, _, info in
+            guard let request, let info else { return }
+            let s = FuseOperations.session(request), pending = PendingRequest(request)
+            s.filesystem.flush(info.pointee.fh) { result in s.replyStatus(pending.request, result, operation: "flush") }
+        }
+        ops.fsync = { request, _, _, info in
+            guard let request, let info else { return }
+            let s = FuseOperations.session(request), pending = PendingRequest(request)
+            s.filesystem.fsync(info.pointee.fh) { result in s.replyStatus(pending.request, result, operation: "fsync") }
+        }
+        ops.release = { request, _, info in
+            guard let request, let info else { return }
+            FuseOperations.session(request).filesystem.release(info.pointee.fh)
+            fuse_reply_err(request, 0)
+        }
+        ops.statfs = { request, inode in
+            guard let request else { return }
+            let s = FuseOperations.session(request)
+            do throws(FSError) {
+                let stats = try s.filesystem.statfs(inode)
+                var st = statvfs()
+                st.f_bsize = UInt(stats.blockSize)
+                st.f_frsize = UInt(stats.blockSize)
+                st.f_blocks = fsblkcnt_t(stats.totalBlocks)
+                st.f_bfree = fsblkcnt_t(stats.freeBlocks)
+                st.f_bavail = fsblkcnt_t(stats.availableBlocks)
+                st.f_files = fsfilcnt_t(stats.files)
+                st.f_namemax = UInt(stats.nameMax)
+                fuse_reply_statfs(request, &st)
+            } catch {
+                s.replyError(request, error, operation: "statfs")
+            }
+        }
+        return ops
+    }
+
+    static func session(_ request: fuse_req_t) -> FuseSession {
+        session(fuse_req_userdata(request)!)
+    }
+
+    static func session(_ userdata: UnsafeMutableRawPointer) -> FuseSession {
+        Unmanaged<FuseSession>.fromOpaque(userdata).takeUnretainedValue()
+    }
+}
+
+/// A request answered later, from a storage completion thread. libfuse allows a reply from any thread.
+struct PendingRequest: @unchecked Sendable {
+    let request: fuse_req_t
+    init(_ request: fuse_req_t) { self.request = request }
+}
+
+extension FuseSession {
+    /// Negotiates the connection: 1 MiB requests, many in the background, and what the kernel may cache.
+    func configure(_ connection: UnsafeMutablePointer<fuse_conn_info>) {
+        connection.pointee.max_write = tuning.maxWrite
+        connection.pointee.max_read = tuning.maxWrite
+        connection.pointee.max_readahead = tuning.maxWrite
+        connection.pointee.max_background = tuning.maxBackground
+        connection.pointee.congestion_threshold = tuning.maxBackground * 3 / 4
+        logger.debug("FUSE connection: protocol \(connection.pointee.proto_major).\(connection.pointee.proto_minor), max_write \(connection.pointee.max_write)")
+    }
+
+    func replyStatus(_ request: fuse_req_t, _ result: Result<Void, FSError>, operation: String) {
+        switch result {
+        case .success: fuse_reply_err(request, 0)
+        case .failure(let error): replyError(request, error, operation: operation)
+        }
+    }
+
+    /// Pages through the listing taken at opendir. Offsets are positions: 1 and 2 are "." and "..", the
+    /// listed items follow. In readdirplus every item handed over counts a lookup; one that does not fit is
+    /// undone.
+    func readDirectory(_ request: fuse_req_t, inode: fuse_ino_t, size: Int, offset: off_t, handle: UInt64, plus: Bool) {
+        let items: [DirectoryItem]
+        do {
+            items = try filesystem.directoryItems(handle)
+        } catch {
+            return replyError(request, error, operation: plus ? "readdirplus" : "readdir")
+        }
+        let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+        defer { buffer.deallocate() }
+        var used = 0
+        var position = Int(offset)
+        let total = items.count + 2
+        while position < total {
+            let name: String
+            var entry = fuse_entry_param()
+            var remembered: UInt64?
+            if position < 2 {
+                name = position == 0 ? "." : ".."
+                entry.attr.st_ino = UInt(position == 0 ? inode : InodeTable.rootInode)
+                entry.attr.st_mode = Glibc.S_IFDIR
+            } else {
+                let item = items[position - 2]
+                name = item.name
+                if plus, let full = filesystem.entry(forListed: item) {
+                    entry = entryParameters(full)
+                    remembered = full.inode
+                } else {
+                    // d_ino only: a real inode is assigned when the kernel looks the name up.
+                    entry.attr.st_ino = UInt(filesystem.inodes.existingInode(of: item.key) ?? (1 << 40) + UInt64(position))
+                    entry.attr.st_mode = item.kind == .directory ? Glibc.S_IFDIR : Glibc.S_IFREG
+                }
+            }
+            let needed = name.withCString { cName in
+                plus
+                    ? fuse_add_direntry_plus(request, buffer + used, size - used, cName, &entry, off_t(position + 1))
+                    : fuse_add_direntry(request, buffer + used, size - used, cName, &entry.attr, off_t(position + 1))
+            }
+            if needed > size - used {
+                if let remembered { filesystem.forget(remembered, count: 1) }
+                break
+            }
+            used += needed
+            position += 1
+        }
+        fuse_reply_buf(request, buffer, used)
+    }
+}

@@ -1,0 +1,128 @@
+import CFuse
+import Foundation
+import Logging
+import RBDFS
+
+public struct FuseError: Error, CustomStringConvertible {
+    public var description: String
+}
+
+/// How the kernel side of the mount is tuned.
+public struct FuseTuning: Sendable {
+    /// How long the kernel may reuse a lookup / attributes before asking again. One second keeps changes made
+    /// by other clients (the rbd CLI, OpenStack) visible within about a second.
+    public var entryTimeout: Double = 1
+    public var attributeTimeout: Double = 1
+    /// FUSE worker threads: synchronous metadata calls to the cluster block one each.
+    public var maxThreads: Int = 32
+    /// Largest read / write request: 1 MiB, the kernel's limit of 256 pages.
+    public var maxWrite: UInt32 = 1 << 20
+    public var maxBackground: UInt32 = 64
+
+    public init() {}
+}
+
+/// A FUSE session serving an `RBDFilesystem` through the libfuse3 low-level API.
+public final class FuseSession: @unchecked Sendable {
+    let filesystem: RBDFilesystem
+    let logger: Logger
+    let tuning: FuseTuning
+    private var session: OpaquePointer?
+    private var mountpoint: String?
+
+    public init(filesystem: RBDFilesystem, tuning: FuseTuning, logger: Logger) {
+        self.filesystem = filesystem
+        self.tuning = tuning
+        self.logger = logger
+    }
+
+    /// Creates the session and mounts it. `options` are `-o` mount options (e.g. `ro`, `allow_other`).
+    public func mount(at mountpoint: String, options: [String]) throws {
+        var arguments = ["rbdfs"]
+        if !options.isEmpty { arguments += ["-o", options.joined(separator: ",")] }
+        var cStrings = arguments.map { strdup($0) }
+        defer { cStrings.forEach { free($0) } }
+        var args = CFuse_args_init(Int32(cStrings.count), &cStrings)
+        defer { fuse_opt_free_args(&args) }
+
+        var operations = FuseOperations.table()
+        let context = Unmanaged.passUnretained(self).toOpaque()
+        guard let session = fuse_session_new(&args, &operations, MemoryLayout<fuse_lowlevel_ops>.size, context) else {
+            throw FuseError(description: "could not create the FUSE session (bad mount options: \(options.joined(separator: ",")))")
+        }
+        guard fuse_session_mount(session, mountpoint) == 0 else {
+            fuse_session_destroy(session)
+            throw FuseError(description: "could not mount at \(mountpoint) (is /dev/fuse there, and are you root or is fusermount3 installed?)")
+        }
+        self.session = session
+        self.mountpoint = mountpoint
+    }
+
+    /// Serves requests until unmounted or signalled (SIGTERM, SIGINT, SIGHUP); then flushes every image and
+    /// unmounts. Returns 0 on a clean exit.
+    public func run() -> Int32 {
+        guard let session else { return 1 }
+        if fuse_set_signal_handlers(session) != 0 {
+            logger.warning("could not install signal handlers; SIGTERM will not unmount cleanly")
+        }
+        let config = fuse_loop_cfg_create()
+        fuse_loop_cfg_set_max_threads(config, UInt32(tuning.maxThreads))
+        fuse_loop_cfg_set_idle_threads(config, UInt32(max(4, tuning.maxThreads / 2)))
+        let status = fuse_session_loop_mt(session, config)
+        fuse_loop_cfg_destroy(config)
+        logger.info("session loop ended (status \(status)); flushing and unmounting \(mountpoint ?? "")")
+        filesystem.shutdown()
+        fuse_remove_signal_handlers(session)
+        fuse_session_unmount(session)
+        fuse_session_destroy(session)
+        self.session = nil
+        return status < 0 ? 1 : 0
+    }
+
+    // MARK: - Replies (the only place that answers the kernel)
+
+    func replyError(_ request: fuse_req_t, _ error: FSError, operation: String) {
+        logger.log(level: error.logLevel, "\(operation): \(error) [errno \(error.errno.rawValue)]")
+        fuse_reply_err(request, error.errno.rawValue)
+    }
+
+    func replyEntry(_ request: fuse_req_t, _ entry: Entry) {
+        var parameters = entryParameters(entry)
+        if fuse_reply_entry(request, &parameters) != 0 {
+            // The kernel never saw the entry (the request was interrupted): undo its lookup.
+            filesystem.forget(entry.inode, count: 1)
+        }
+    }
+
+    func entryParameters(_ entry: Entry) -> fuse_entry_param {
+        var parameters = fuse_entry_param()
+        parameters.ino = entry.inode
+        parameters.generation = 1
+        parameters.attr = Self.stat(entry.attributes)
+        parameters.attr_timeout = tuning.attributeTimeout
+        parameters.entry_timeout = tuning.entryTimeout
+        return parameters
+    }
+
+    func replyAttributes(_ request: fuse_req_t, _ attributes: FileAttributes) {
+        var st = Self.stat(attributes)
+        fuse_reply_attr(request, &st, tuning.attributeTimeout)
+    }
+
+    static func stat(_ attributes: FileAttributes) -> stat {
+        var st = Glibc.stat()
+        st.st_ino = UInt(attributes.inode)
+        let type = attributes.kind == .directory ? Glibc.S_IFDIR : Glibc.S_IFREG
+        st.st_mode = type | mode_t(attributes.permissions)
+        st.st_nlink = UInt(attributes.linkCount)
+        st.st_size = off_t(clamping: attributes.size)
+        st.st_blocks = blkcnt_t(clamping: attributes.blocks)
+        st.st_blksize = blksize_t(attributes.blockSize)
+        st.st_uid = attributes.uid
+        st.st_gid = attributes.gid
+        st.st_atim = timespec(tv_sec: Int(attributes.accessTime.seconds), tv_nsec: Int(attributes.accessTime.nanoseconds))
+        st.st_mtim = timespec(tv_sec: Int(attributes.modifyTime.seconds), tv_nsec: Int(attributes.modifyTime.nanoseconds))
+        st.st_ctim = timespec(tv_sec: Int(attributes.changeTime.seconds), tv_nsec: Int(attributes.changeTime.nanoseconds))
+        return st
+    }
+}

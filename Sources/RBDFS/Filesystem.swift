@@ -1,0 +1,514 @@
+import Foundation
+import Logging
+import Storage
+
+/// How a mount behaves.
+public struct FSOptions: Sendable {
+    /// With `--pool P`, P's directory is the root of the mount.
+    public var pool: String?
+    /// Show every pool, not only those with the `rbd` application.
+    public var allPools = false
+    /// Refuse every change, in the daemon itself (not only through the mount flag).
+    public var readOnly = false
+    /// Allow truncate to cut off data (`rbd resize --allow-shrink`).
+    public var allowShrink = false
+    /// How long listings and attributes are reused; the same bound as the kernel's entry / attr timeouts.
+    public var metadataTTL: Duration = .seconds(1)
+    public var uid: UInt32 = 0
+    public var gid: UInt32 = 0
+    /// Pools and namespaces have no times of their own in RBD; they show the mount time.
+    public var mountTime = Timestamp(seconds: Int64(Date().timeIntervalSince1970))
+
+    public init() {}
+}
+
+/// Filesystem statistics (`statfs`), in `blockSize` units.
+public struct FilesystemStats: Sendable {
+    public var blockSize: UInt64
+    public var totalBlocks: UInt64
+    public var freeBlocks: UInt64
+    public var availableBlocks: UInt64
+    public var files: UInt64
+    public var nameMax: UInt64
+}
+
+/// What `setattr` was asked to change.
+public struct AttributeChanges: Sendable {
+    public var size: UInt64?
+    public var mode: UInt32?
+    public var uid: UInt32?
+    public var gid: UInt32?
+    /// atime / mtime changes: RBD keeps its own times, so these are accepted and have no effect.
+    public var times = false
+
+    public init(size: UInt64? = nil, mode: UInt32? = nil, uid: UInt32? = nil, gid: UInt32? = nil, times: Bool = false) {
+        self.size = size
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.times = times
+    }
+}
+
+/// The filesystem: RBD pools, namespaces, images and snapshots as a tree of directories and files.
+/// Independent of FUSE: every call returns plain values or throws `FSError`, and the FUSE adapter replies.
+public final class RBDFilesystem: @unchecked Sendable {
+    public let store: any BlockStore
+    public let options: FSOptions
+    public let inodes: InodeTable
+    let logger: Logger
+    let cache: MetadataCache
+
+    private struct OpenFile {
+        var image: OpenImage
+        var writable: Bool
+    }
+
+    private let lock = NSLock()
+    private var openImages: [NodeKey: OpenImage] = [:]
+    private var openFiles: [UInt64: OpenFile] = [:]
+    private var directoryListings: [UInt64: [DirectoryItem]] = [:]
+    private var nextHandle: UInt64 = 1
+
+    public init(store: any BlockStore, options: FSOptions, logger: Logger) {
+        self.store = store
+        self.options = options
+        self.logger = logger
+        self.cache = MetadataCache(ttl: options.metadataTTL)
+        self.inodes = InodeTable(rootKey: options.pool.map { NodeKey.pool($0) } ?? .root)
+    }
+
+    // MARK: - Names
+
+    func key(of inode: UInt64) throws(FSError) -> NodeKey {
+        guard let key = inodes.key(of: inode) else { throw .staleHandle("inode \(inode)") }
+        return key
+    }
+
+    /// The node a name inside a directory stands for, checked to exist.
+    func resolve(parent: NodeKey, name: String) throws(FSError) -> NodeKey {
+        switch parent {
+        case .root:
+            guard try pools().contains(where: { $0.name == name }) else { throw .notFound(name) }
+            return .pool(name)
+        case .pool(let pool):
+            if try namespaces(of: pool).contains(name) { return .namespace(pool: pool, name: name) }
+            return try resolveFile(pool: pool, namespace: "", name: name)
+        case .namespace(let pool, let namespace):
+            return try resolveFile(pool: pool, namespace: namespace, name: name)
+        case .image, .snapshot:
+            throw .notDirectory(parent.description)
+        }
+    }
+
+    private func resolveFile(pool: String, namespace: String, name: String) throws(FSError) -> NodeKey {
+        let fileName: ImageFileName
+        do {
+            fileName = try Names.parseFileName(name)
+        } catch {
+            throw .invalidName(error)
+        }
+        let spec = ImageSpec(pool: pool, namespace: namespace, name: fileName.imageName)
+        switch fileName {
+        case .image:
+            return .image(spec)
+        case .snapshot(_, let snap):
+            return .snapshot(spec, name: snap)
+        }
+    }
+
+    // MARK: - Metadata
+
+    func pools() throws(FSError) -> [PoolInfo] {
+        if let cached = cache.pools() { return cached }
+        let all = try FSError.wrap { try store.listPools() }
+        let shown = options.allPools ? all : all.filter(\.isRBD)
+        cache.store(pools: shown)
+        return shown
+    }
+
+    func namespaces(of pool: String) throws(FSError) -> [String] {
+        if let cached = cache.namespaces(of: pool) { return cached }
+        let list = try FSError.wrap { try store.listNamespaces(pool: pool) }
+        cache.store(namespaces: list, of: pool)
+        return list
+    }
+
+    /// An image's info and snapshots: from the open handle if rbdfs has one, else from the cluster.
+    func summary(of spec: ImageSpec) throws(FSError) -> ImageSummary {
+        if let cached = cache.summary(spec) { return cached }
+        let summary: ImageSummary
+        if let open = lock.withLock({ openImages[.image(spec)] }) {
+            summary = try FSError.wrap { ImageSummary(info: try open.handle.info(), snapshots: try open.handle.snapshots()) }
+        } else {
+            guard let result = store.describeImages(pool: spec.pool, namespace: spec.namespace, names: [spec.name])[spec.name] else {
+                throw .notFound(spec.description)
+            }
+            summary = try FSError.wrap { try result.get() }
+        }
+        cache.store(summary, for: spec)
+        return summary
+    }
+
+    func attributes(of key: NodeKey, inode: UInt64) throws(FSError) -> FileAttributes {
+        switch key {
+        case .root, .pool, .namespace:
+            return FileAttributes(
+                inode: inode, kind: .directory, permissions: options.readOnly ? 0o555 : 0o755, linkCount: 2,
+                size: 0, blocks: 0, blockSize: 4096, accessTime: options.mountTime, modifyTime: options.mountTime,
+                changeTime: options.mountTime, uid: options.uid, gid: options.gid)
+        case .image(let spec):
+            let summary = try summary(of: spec)
+            var size = summary.info.size
+            if let open = lock.withLock({ openImages[key] }) { size = try open.currentSize() }
+            return fileAttributes(inode: inode, info: summary.info, size: size, readOnly: options.readOnly,
+                                  times: (summary.info.accessTime, summary.info.modifyTime), linkCount: 1)
+        case .snapshot(let spec, let name):
+            let summary = try summary(of: spec)
+            guard let snap = summary.snapshots.first(where: { $0.name == name }) else {
+                throw .notFound(key.description)
+            }
+            return fileAttributes(inode: inode, info: summary.info, size: snap.size, readOnly: true,
+                                  times: (snap.timestamp, snap.timestamp), linkCount: 1)
+        }
+    }
+
+    private func fileAttributes(
+        inode: UInt64, info: ImageInfo, size: UInt64, readOnly: Bool, times: (access: Timestamp, modify: Timestamp),
+        linkCount: UInt32
+    ) -> FileAttributes {
+        FileAttributes(
+            inode: inode, kind: .regularFile, permissions: readOnly ? 0o444 : 0o644, linkCount: linkCount,
+            size: size, blocks: 0, blockSize: UInt32(clamping: info.objectSize), accessTime: times.access,
+            modifyTime: times.modify, changeTime: max(times.modify, info.createTime), uid: options.uid, gid: options.gid)
+    }
+
+    // MARK: - Lookup and attributes
+
+    public func lookup(parent: UInt64, name: String) throws(FSError) -> Entry {
+        let parentKey = try key(of: parent)
+        let key = try resolve(parent: parentKey, name: name)
+        return try entry(for: key)
+    }
+
+    /// Hands a node to the kernel: its attributes, and one more lookup on its inode.
+    func entry(for key: NodeKey) throws(FSError) -> Entry {
+        let provisional = inodes.existingInode(of: key) ?? 0
+        var attributes = try attributes(of: key, inode: provisional)
+        attributes.inode = inodes.remember(key)
+        return Entry(inode: attributes.inode, attributes: attributes)
+    }
+
+    public func forget(_ inode: UInt64, count: UInt64) {
+        inodes.forget(inode, count: count)
+    }
+
+    public func getattr(_ inode: UInt64) throws(FSError) -> FileAttributes {
+        try attributes(of: try key(of: inode), inode: inode)
+    }
+
+    public func setattr(_ inode: UInt64, changes: AttributeChanges) throws(FSError) -> FileAttributes {
+        let key = try key(of: inode)
+        if changes.mode != nil || changes.uid != nil || changes.gid != nil {
+            throw .notPermitted(key.description, reason: "RBD images have no owner or mode to change")
+        }
+        if let size = changes.size {
+            try truncate(key, to: size)
+        }
+        return try attributes(of: key, inode: inode)
+    }
+
+    /// Resizes an image. Growing is free (thin); a shrink that would cut off data is refused unless the
+    /// mount allows it, like `rbd resize --allow-shrink`.
+    func truncate(_ key: NodeKey, to size: UInt64) throws(FSError) {
+        guard case .image(let spec) = key else {
+            if case .snapshot = key { throw .readOnly(key.description, reason: "snapshots are read-only") }
+            throw .isDirectory(key.description)
+        }
+        try checkWritable(key)
+        try withImage(key) { (image: OpenImage) throws(FSError) in
+            let current = try image.currentSize()
+            guard size != current else { return }
+            if size < current && !options.allowShrink {
+                let holding = try FSError.wrap { try image.handle.allocatedExtents(in: size..<current) }
+                if !holding.isEmpty {
+                    throw .notPermitted(
+                        key.description,
+                        reason: "shrinking from \(current) to \(size) bytes would discard data; mount with -o allow_shrink to allow it")
+                }
+            }
+            try image.resize(to: size)
+            logger.info("resized \(spec) from \(current) to \(size) bytes")
+        }
+        cache.forget(spec)
+    }
+
+    func checkWritable(_ key: NodeKey) throws(FSError) {
+        if options.readOnly { throw .readOnly(key.description, reason: "the mount is read-only") }
+        if case .snapshot = key { throw .readOnly(key.description, reason: "snapshots are read-only") }
+    }
+
+    // MARK: - Directories
+
+    public func openDirectory(_ inode: UInt64) throws(FSError) -> UInt64 {
+        let key = try key(of: inode)
+        guard key.isDirectory else { throw .notDirectory(key.description) }
+        let items = try listChildren(of: key)
+        return lock.withLock {
+            let handle = nextHandle
+            nextHandle += 1
+            directoryListings[handle] = items
+            return handle
+        }
+    }
+
+    /// The listing taken at opendir; readdir pages through it by index.
+    public func directoryItems(_ handle: UInt64) throws(FSError) -> [DirectoryItem] {
+        guard let items = lock.withLock({ directoryListings[handle] }) else {
+            throw .staleHandle("directory handle \(handle)")
+        }
+        return items
+    }
+
+    /// A listed item as a full entry (readdirplus); counts one lookup. Nil if it vanished meanwhile.
+    public func entry(forListed item: DirectoryItem) -> Entry? {
+        try? entry(for: item.key)
+    }
+
+    public func releaseDirectory(_ handle: UInt64) {
+        _ = lock.withLock { directoryListings.removeValue(forKey: handle) }
+        cache.prune()
+    }
+
+    func listChildren(of key: NodeKey) throws(FSError) -> [DirectoryItem] {
+        switch key {
+        case .root:
+            return try pools().map { DirectoryItem(name: $0.name, key: .pool($0.name), kind: .directory) }
+        case .pool(let pool):
+            let namespaces = try namespaces(of: pool).map {
+                DirectoryItem(name: $0, key: .namespace(pool: pool, name: $0), kind: .directory)
+            }
+            return namespaces + (try listImageFiles(pool: pool, namespace: ""))
+        case .namespace(let pool, let namespace):
+            return try listImageFiles(pool: pool, namespace: namespace)
+        case .image, .snapshot:
+            throw .notDirectory(key.description)
+        }
+    }
+
+    /// Images and their snapshots, described in one batch so that `ls -l` needs no further round trips.
+    private func listImageFiles(pool: String, namespace: String) throws(FSError) -> [DirectoryItem] {
+        let names = try FSError.wrap { try store.listImages(pool: pool, namespace: namespace) }
+        let shown = names.filter { name in
+            if Names.isRepresentable(imageName: name) { return true }
+            logger.warning("\(pool)/\(name): image name cannot be shown as a file name; hidden")
+            return false
+        }
+        let summaries = store.describeImages(pool: pool, namespace: namespace, names: shown)
+        var items: [DirectoryItem] = []
+        items.reserveCapacity(shown.count)
+        for name in shown.sorted() {
+            let spec = ImageSpec(pool: pool, namespace: namespace, name: name)
+            items.append(DirectoryItem(name: name, key: .image(spec), kind: .regularFile))
+            switch summaries[name] {
+            case .success(let summary):
+                cache.store(summary, for: spec)
+                for snap in summary.snapshots where Names.isRepresentable(imageName: snap.name) {
+                    items.append(DirectoryItem(name: "\(name)@\(snap.name)", key: .snapshot(spec, name: snap.name), kind: .regularFile))
+                }
+            case .failure(let error) where error.errno == .noSuchFileOrDirectory:
+                items.removeLast()  // removed between the listing and the describe
+            case .failure(let error):
+                // Still listed: its lookup will report the error to whoever asks.
+                logger.error("\(spec): listing its details failed: \(error)")
+            case nil:
+                break
+            }
+        }
+        return items
+    }
+
+    // MARK: - Files
+
+    /// Opens a file; the image (or snapshot) handle is shared by every open file of it.
+    public func open(_ inode: UInt64, flags: Int32) throws(FSError) -> UInt64 {
+        let key = try key(of: inode)
+        guard !key.isDirectory else { throw .isDirectory(key.description) }
+        let writable = (flags & O_ACCMODE) != O_RDONLY
+        if writable { try checkWritable(key) }
+        let image = try acquireImage(key)
+        if writable && (flags & O_TRUNC) != 0 {
+            do {
+                try truncate(key, to: 0)
+            } catch {
+                releaseImage(image)
+                throw error
+            }
+        }
+        return lock.withLock {
+            let handle = nextHandle
+            nextHandle += 1
+            openFiles[handle] = OpenFile(image: image, writable: writable)
+            return handle
+        }
+    }
+
+    private func openFile(_ handle: UInt64) throws(FSError) -> OpenFile {
+        guard let file = lock.withLock({ openFiles[handle] }) else { throw .staleHandle("file handle \(handle)") }
+        return file
+    }
+
+    public func read(_ handle: UInt64, offset: UInt64, size: Int,
+                     reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
+        let file: OpenFile
+        do {
+            file = try openFile(handle)
+        } catch {
+            return reply(.failure(error))
+        }
+        IOEngine.read(file.image, offset: offset, size: size, reply: reply)
+    }
+
+    public func write(_ handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer,
+                      reply: @escaping @Sendable (Result<Int, FSError>) -> Void) {
+        let file: OpenFile
+        do throws(FSError) {
+            file = try openFile(handle)
+            guard file.writable else { throw FSError.invalidArgument(file.image.path, reason: "file not open for writing") }
+            try checkWritable(file.image.key)
+        } catch {
+            return reply(.failure(error))
+        }
+        IOEngine.write(file.image, offset: offset, data: data, reply: reply)
+        if case .image(let spec) = file.image.key { cache.forget(spec) }
+    }
+
+    /// close(2) of a file: writers' data is made durable and any growth step trimmed; errors reach close.
+    public func flush(_ handle: UInt64, reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
+        fsync(handle, reply: reply)
+    }
+
+    public func fsync(_ handle: UInt64, reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
+        let file: OpenFile
+        do {
+            file = try openFile(handle)
+        } catch {
+            return reply(.failure(error))
+        }
+        guard file.writable else { return reply(.success(())) }
+        IOEngine.flush(file.image, reply: reply)
+    }
+
+    public func release(_ handle: UInt64) {
+        guard let file = lock.withLock({ openFiles.removeValue(forKey: handle) }) else { return }
+        releaseImage(file.image)
+    }
+
+    public func statfs(_ inode: UInt64) throws(FSError) -> FilesystemStats {
+        let key = (try? key(of: inode)) ?? .root
+        let stats: StorageStats
+        if case .pool(let pool) = key {
+            stats = try FSError.wrap { try store.poolStats(pool: pool) }
+        } else {
+            stats = try FSError.wrap { try store.clusterStats() }
+        }
+        let block: UInt64 = 4096
+        return FilesystemStats(
+            blockSize: block, totalBlocks: stats.totalBytes / block,
+            freeBlocks: stats.availableBytes / block, availableBlocks: stats.availableBytes / block,
+            files: stats.objects, nameMax: 255)
+    }
+
+    // MARK: - Image handles
+
+    /// The shared open image for a node, opened on first use.
+    func acquireImage(_ key: NodeKey) throws(FSError) -> OpenImage {
+        if let image = lock.withLock({ () -> OpenImage? in
+            let image = openImages[key]
+            image?.openCount += 1
+            return image
+        }) {
+            return image
+        }
+        let spec: ImageSpec, snapshot: String?
+        switch key {
+        case .image(let s): (spec, snapshot) = (s, nil)
+        case .snapshot(let s, let name): (spec, snapshot) = (s, name)
+        default: throw .isDirectory(key.description)
+        }
+        let handle = try FSError.wrap {
+            try store.openImage(spec, snapshot: snapshot, readOnly: snapshot != nil || options.readOnly)
+        }
+        let objectSize: UInt64
+        do {
+            objectSize = try FSError.wrap { try handle.info().objectSize }
+        } catch {
+            handle.close()
+            throw error
+        }
+        let fresh = OpenImage(key: key, spec: spec, handle: handle, objectSize: objectSize)
+        let (image, loser) = lock.withLock { () -> (OpenImage, OpenImage?) in
+            // Another thread may have opened it meanwhile: use theirs, close ours.
+            if let existing = openImages[key] {
+                existing.openCount += 1
+                return (existing, fresh)
+            }
+            fresh.openCount = 1
+            openImages[key] = fresh
+            return (fresh, nil)
+        }
+        loser?.handle.close()
+        return image
+    }
+
+    /// Drops one user of an open image; the last one trims growth and closes the handle (which flushes).
+    func releaseImage(_ image: OpenImage) {
+        let last = lock.withLock { () -> Bool in
+            image.openCount -= 1
+            guard image.openCount == 0 else { return false }
+            if openImages[image.key] === image { openImages[image.key] = nil }
+            return true
+        }
+        guard last else { return }
+        do {
+            try image.trimGrowth()
+        } catch {
+            logger.error("\(image.path): trimming the growth step on close failed: \(error)")
+        }
+        image.handle.close()
+        if case .image(let spec) = image.key { cache.forget(spec) }
+    }
+
+    /// Runs `body` with the node's open image, opening a temporary one if no file has it open.
+    func withImage<T>(_ key: NodeKey, _ body: (OpenImage) throws(FSError) -> T) throws(FSError) -> T {
+        let image = try acquireImage(key)
+        defer { releaseImage(image) }
+        return try body(image)
+    }
+
+    /// Makes everything written durable and closes every image: unmount and SIGTERM.
+    public func shutdown() {
+        let images = lock.withLock { () -> [OpenImage] in
+            let all = Array(openImages.values)
+            openImages.removeAll()
+            openFiles.removeAll()
+            return all
+        }
+        for image in images {
+            do {
+                try image.trimGrowth()
+            } catch {
+                logger.error("\(image.path): trimming the growth step at unmount failed: \(error)")
+            }
+            let done = DispatchSemaphore(value: 0)
+            image.handle.flush { result in
+                if case .failure(let error) = result {
+                    self.logger.error("\(image.path): flush at unmount failed: \(error)")
+                }
+                done.signal()
+            }
+            done.wait()
+            image.handle.close()
+        }
+    }
+}

@@ -1,0 +1,235 @@
+import Foundation
+import Logging
+import Storage
+
+// The I/O engine: every read and write of file data goes through here.
+//
+// A request is split at object boundaries and each piece is issued asynchronously, so one 1 MiB FUSE
+// request that spans two objects keeps two OSDs busy. The reply is sent from the completion of the last
+// piece: no FUSE worker thread ever blocks on librbd for data. Errors are never turned into short reads
+// or short writes: the first failed piece fails the whole request with its errno.
+//
+// Growth: librbd never grows an image on write, so a write past the end resizes first, in large steps
+// (as Glance's resize-on-write does), and the image is trimmed back to the bytes really written when the
+// writer flushes or closes.
+
+/// Splitting byte ranges at object boundaries.
+public enum ObjectExtents {
+    /// The pieces of `[offset, offset+length)` that each lie inside one object.
+    public static func split(offset: UInt64, length: UInt64, objectSize: UInt64) -> [Range<UInt64>] {
+        precondition(objectSize > 0)
+        var pieces: [Range<UInt64>] = []
+        var start = offset
+        let end = offset + length
+        while start < end {
+            let objectEnd = (start / objectSize + 1) * objectSize
+            let pieceEnd = min(objectEnd, end)
+            pieces.append(start..<pieceEnd)
+            start = pieceEnd
+        }
+        return pieces
+    }
+
+    /// The size to grow an image to when a write needs `needed` bytes and it has `current`: at least
+    /// `needed`, and a step of the current size (between 64 MiB and 1 GiB) further, rounded to whole objects,
+    /// so a streaming copy resizes a few dozen times, not once per request.
+    public static func grownSize(current: UInt64, needed: UInt64, objectSize: UInt64) -> UInt64 {
+        let step = min(max(current, 64 << 20), 1 << 30)
+        let target = max(needed, current + step)
+        return (target + objectSize - 1) / objectSize * objectSize
+    }
+}
+
+/// One open image or snapshot, shared by every open file of it.
+final class OpenImage: @unchecked Sendable {
+    let key: NodeKey
+    let spec: ImageSpec
+    let handle: any ImageHandle
+    let objectSize: UInt64
+
+    private let lock = NSLock()
+    /// Open files using this image (the cache closes the handle at zero).
+    var openCount = 0
+    /// The size the files show while the image is over-allocated by a growth step; nil when the image's
+    /// own size is the truth.
+    private var writtenSize: UInt64?
+
+    init(key: NodeKey, spec: ImageSpec, handle: any ImageHandle, objectSize: UInt64) {
+        self.key = key
+        self.spec = spec
+        self.handle = handle
+        self.objectSize = objectSize
+    }
+
+    var path: String { key.description }
+
+    /// The size files see: what was written while a growth step is pending, else the image's size.
+    func currentSize() throws(FSError) -> UInt64 {
+        lock.lock()
+        defer { lock.unlock() }
+        if let writtenSize { return writtenSize }
+        return try FSError.wrap { try handle.size() }
+    }
+
+    /// Makes room for a write ending at `end`, growing the image in steps when it passes the end.
+    func prepareWrite(ending end: UInt64) throws(FSError) {
+        lock.lock()
+        defer { lock.unlock() }
+        let allocated = try FSError.wrap { try handle.size() }
+        guard end > (writtenSize ?? allocated) else { return }
+        if end > allocated {
+            let target = ObjectExtents.grownSize(current: allocated, needed: end, objectSize: objectSize)
+            try FSError.wrap { try handle.resize(to: target) }
+            writtenSize = target == end ? nil : end
+        } else {
+            writtenSize = end == allocated ? nil : end
+        }
+    }
+
+    /// Sets the size files see (truncate); drops any pending growth step.
+    func resize(to size: UInt64) throws(FSError) {
+        lock.lock()
+        defer { lock.unlock() }
+        try FSError.wrap { try handle.resize(to: size) }
+        writtenSize = nil
+    }
+
+    /// Gives back the unwritten tail of a growth step, so the image ends at the last byte written.
+    func trimGrowth() throws(FSError) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let size = writtenSize else { return }
+        try FSError.wrap { try handle.resize(to: size) }
+        writtenSize = nil
+    }
+}
+
+/// Counts the pieces of one request down and replies once, with the first error if any.
+private final class PieceGather: @unchecked Sendable {
+    private let lock = NSLock()
+    private var remaining: Int
+    private var firstError: StorageError?
+
+    init(pieces: Int) { remaining = pieces }
+
+    /// Records one piece's outcome; returns the request's outcome when it was the last piece.
+    func finish(_ error: StorageError?) -> StorageError?? {
+        lock.lock()
+        defer { lock.unlock() }
+        if let error, firstError == nil { firstError = error }
+        remaining -= 1
+        return remaining == 0 ? .some(firstError) : .none
+    }
+}
+
+public enum IOEngine {
+    /// Reads `[offset, offset+size)` clamped to the image's size; `reply` gets a buffer that is valid only
+    /// during the call. At or past the end, the reply is empty (librbd itself would return EINVAL).
+    static func read(
+        _ image: OpenImage, offset: UInt64, size: Int,
+        reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void
+    ) {
+        let imageSize: UInt64
+        do {
+            imageSize = try image.currentSize()
+        } catch {
+            return reply(.failure(error))
+        }
+        guard offset < imageSize, size > 0 else {
+            return reply(.success(UnsafeRawBufferPointer(start: nil, count: 0)))
+        }
+        let length = min(UInt64(size), imageSize - offset)
+        let pieces = ObjectExtents.split(offset: offset, length: length, objectSize: image.objectSize)
+        let request = ReadRequest(length: Int(length), pieces: pieces.count, reply: reply)
+        for piece in pieces {
+            let start = Int(piece.lowerBound - offset)
+            image.handle.read(at: piece.lowerBound, into: request.slice(start..<start + piece.count)) { result in
+                request.finish(pieceAt: start, length: piece.count, result)
+            }
+        }
+    }
+
+    /// Writes `data` at `offset`, growing the image first when the write passes its end. `data` is copied
+    /// before this returns. `reply` gets the byte count, always all of it on success.
+    static func write(
+        _ image: OpenImage, offset: UInt64, data: UnsafeRawBufferPointer,
+        reply: @escaping @Sendable (Result<Int, FSError>) -> Void
+    ) {
+        guard data.count > 0 else { return reply(.success(0)) }
+        do {
+            try image.prepareWrite(ending: offset + UInt64(data.count))
+        } catch {
+            return reply(.failure(error))
+        }
+        let pieces = ObjectExtents.split(offset: offset, length: UInt64(data.count), objectSize: image.objectSize)
+        let gather = PieceGather(pieces: pieces.count)
+        let total = data.count
+        for piece in pieces {
+            let start = Int(piece.lowerBound - offset)
+            let slice = UnsafeRawBufferPointer(rebasing: data[start..<start + piece.count])
+            image.handle.write(at: piece.lowerBound, from: slice) { result in
+                var failure: StorageError?
+                if case .failure(let error) = result { failure = error }
+                guard let outcome = gather.finish(failure) else { return }
+                reply(outcome.map { .failure(.storage($0)) } ?? .success(total))
+            }
+        }
+    }
+
+    /// Trims a pending growth step and makes every acknowledged write durable.
+    static func flush(_ image: OpenImage, reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
+        do {
+            try image.trimGrowth()
+        } catch {
+            return reply(.failure(error))
+        }
+        image.handle.flush { result in
+            reply(result.mapError { .storage($0) })
+        }
+    }
+}
+
+/// One read in flight: its buffer, the pieces still out, and the reply to send when the last one is back.
+private final class ReadRequest: @unchecked Sendable {
+    private let buffer: UnsafeMutableRawBufferPointer
+    private let reply: @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void
+    private let lock = NSLock()
+    private var remaining: Int
+    private var firstError: StorageError?
+    /// The lowest offset at which a piece came back short (the image shrank meanwhile): answer up to there.
+    private var validLength: Int
+
+    init(length: Int, pieces: Int, reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
+        buffer = .allocate(byteCount: length, alignment: 4096)
+        remaining = pieces
+        validLength = length
+        self.reply = reply
+    }
+
+    deinit { buffer.deallocate() }
+
+    func slice(_ range: Range<Int>) -> UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(rebasing: buffer[range])
+    }
+
+    func finish(pieceAt start: Int, length: Int, _ result: Result<Int, StorageError>) {
+        let done: Bool = lock.withLock {
+            switch result {
+            case .success(let count) where count < length:
+                validLength = min(validLength, start + count)
+            case .success:
+                break
+            case .failure(let error):
+                if firstError == nil { firstError = error }
+            }
+            remaining -= 1
+            return remaining == 0
+        }
+        guard done else { return }
+        if let error = firstError {
+            reply(.failure(.storage(error)))
+        } else {
+            reply(.success(UnsafeRawBufferPointer(rebasing: buffer[0..<validLength])))
+        }
+    }
+}

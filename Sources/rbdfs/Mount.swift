@@ -1,0 +1,136 @@
+import ArgumentParser
+import FUSE
+import Foundation
+import Logging
+import RBD
+import RBDFS
+import Storage
+
+struct Mount: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Mount a Ceph cluster's RBD images at MOUNTPOINT.",
+        discussion: """
+            Returns once the mount is live, or exits non-zero saying what is wrong. Without --foreground the
+            daemon detaches (before it connects to the cluster) and logs to --log-file or syslog.
+            SIGTERM / SIGINT flush every image and unmount cleanly.
+            """)
+
+    @Argument(help: "An existing, empty directory to mount on.")
+    var mountpoint: String
+
+    @Option(help: "ceph.conf to read (default: librados' search: $CEPH_CONF, /etc/ceph/ceph.conf, ...).")
+    var conf: String?
+
+    @Option(help: "cephx user name without the 'client.' prefix (default: admin).")
+    var id: String?
+
+    @Option(help: "cephx keyring file (default: what ceph.conf names).")
+    var keyring: String?
+
+    @Option(help: "Mount one pool as the root instead of all RBD pools.")
+    var pool: String?
+
+    @Flag(help: "Show every pool, not only those with the rbd application.")
+    var allPools = false
+
+    @Flag(help: "Refuse every change (enforced by the daemon, and the mount is ro).")
+    var readOnly = false
+
+    @Flag(help: "Let truncate cut off data (like 'rbd resize --allow-shrink').")
+    var allowShrink = false
+
+    @Option(name: .customLong("connect-timeout"), help: "Seconds to wait for the cluster before giving up.")
+    var connectTimeout: Double = 30
+
+    @Option(help: "FUSE worker threads.")
+    var threads = 32
+
+    @Flag(name: [.short, .long], help: "Stay in the foreground and log to stderr.")
+    var foreground = false
+
+    @Option(name: .customLong("log-file"), help: "Append daemon logs to this file instead of syslog.")
+    var logFile: String?
+
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel: Logger.Level = .info
+
+    @Option(name: .short, help: "FUSE mount options, comma-separated (e.g. allow_other).")
+    var fuseOptions: [String] = []
+
+    func validate() throws {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: mountpoint, isDirectory: &isDirectory) else {
+            throw ValidationError("mount point \(mountpoint) does not exist")
+        }
+        guard isDirectory.boolValue else { throw ValidationError("mount point \(mountpoint) is not a directory") }
+        guard threads > 0, connectTimeout > 0 else { throw ValidationError("--threads and --connect-timeout must be positive") }
+    }
+
+    func run() throws {
+        let mountpoint = URL(fileURLWithPath: self.mountpoint).standardizedFileURL.path
+        // Never fork after rados_connect (librados' threads would not survive it): detach first.
+        let parentLink = foreground ? nil : try Daemon.detach()
+        LoggingSystem.bootstrap { label in
+            var handler: any LogHandler
+            if foreground {
+                handler = StreamLogHandler.standardError(label: label)
+            } else if let logFile {
+                handler = FileLogHandler(label: label, path: logFile)
+            } else {
+                handler = SyslogLogHandler(label: label)
+            }
+            handler.logLevel = logLevel
+            return handler
+        }
+        let logger = Logger(label: "rbdfs")
+        do {
+            let session = try start(at: mountpoint, logger: logger)
+            logger.info("mounted at \(mountpoint)")
+            parentLink?.reportSuccess()
+            let status = session.run()
+            logger.info("unmounted \(mountpoint)")
+            throw ExitCode(status)
+        } catch let error as ExitCode {
+            throw error
+        } catch {
+            logger.error("mount failed: \(error)")
+            if let parentLink {
+                parentLink.reportFailure("\(error)")
+                throw ExitCode.failure
+            }
+            throw error
+        }
+    }
+
+    private func start(at mountpoint: String, logger: Logger) throws -> FuseSession {
+        let store = try CephStore.connect(
+            conf: conf, id: id, keyring: keyring, timeout: connectTimeout, options: [:], logger: logger)
+        var options = FSOptions()
+        options.pool = pool
+        options.allPools = allPools
+        options.readOnly = readOnly
+        options.allowShrink = allowShrink
+        options.uid = getuid()
+        options.gid = getgid()
+        if let pool {
+            let pools = try store.listPools()
+            guard pools.contains(where: { $0.name == pool }) else {
+                throw MountError("pool '\(pool)' does not exist (pools: \(pools.map { $0.name }.joined(separator: ", ")))")
+            }
+        }
+        let filesystem = RBDFilesystem(store: store, options: options, logger: logger)
+        var tuning = FuseTuning()
+        tuning.maxThreads = threads
+        let session = FuseSession(filesystem: filesystem, tuning: tuning, logger: logger)
+        var mountOptions = ["fsname=rbdfs", "subtype=rbdfs", "default_permissions"]
+        if readOnly { mountOptions.append("ro") }
+        mountOptions += fuseOptions.flatMap { $0.split(separator: ",").map(String.init) }
+        try session.mount(at: mountpoint, options: mountOptions)
+        return session
+    }
+}
+
+struct MountError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}

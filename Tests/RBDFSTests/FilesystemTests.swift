@@ -1,0 +1,216 @@
+import Foundation
+import Logging
+import MemoryStore
+import RBDFS
+import Storage
+import SystemPackage
+import Testing
+
+/// The filesystem driven directly, with no FUSE and no cluster: the in-memory store behind the same protocol.
+final class Harness {
+    let store: MemoryStore
+    let fs: RBDFilesystem
+
+    init(options: FSOptions = FSOptions(), configure: (MemoryStore) throws -> Void = { _ in }) throws {
+        store = MemoryStore()
+        try configure(store)
+        fs = RBDFilesystem(store: store, options: options, logger: Logger(label: "test"))
+    }
+
+    func path(_ components: String...) throws -> UInt64 {
+        var inode = InodeTable.rootInode
+        for name in components { inode = try fs.lookup(parent: inode, name: name).inode }
+        return inode
+    }
+
+    func read(_ handle: UInt64, at offset: UInt64, count: Int) throws -> [UInt8] {
+        let outcome = Outcome<[UInt8]>()
+        fs.read(handle, offset: offset, size: count) { result in outcome.set(result.map { Array($0) }) }
+        return try outcome.wait()
+    }
+
+    func write(_ handle: UInt64, at offset: UInt64, _ bytes: [UInt8]) throws -> Int {
+        let outcome = Outcome<Int>()
+        bytes.withUnsafeBytes { data in
+            fs.write(handle, offset: offset, data: data) { result in outcome.set(result) }
+        }
+        return try outcome.wait()
+    }
+
+    func fsync(_ handle: UInt64) throws {
+        let outcome = Outcome<Void>()
+        fs.fsync(handle) { outcome.set($0) }
+        try outcome.wait()
+    }
+}
+
+/// Waits for one asynchronous reply.
+final class Outcome<T>: @unchecked Sendable {
+    private let done = DispatchSemaphore(value: 0)
+    private var result: Result<T, FSError>?
+
+    func set(_ result: Result<T, FSError>) {
+        self.result = result
+        done.signal()
+    }
+
+    func wait() throws -> T {
+        done.wait()
+        return try result!.get()
+    }
+}
+
+func expectErrno(_ errno: Errno, _ body: () throws -> Void, sourceLocation: SourceLocation = #_sourceLocation) {
+    do {
+        try body()
+        Issue.record("expected \(errno), got success", sourceLocation: sourceLocation)
+    } catch let error as FSError {
+        #expect(error.errno == errno, "\(error)", sourceLocation: sourceLocation)
+    } catch {
+        Issue.record("expected FSError \(errno), got \(error)", sourceLocation: sourceLocation)
+    }
+}
+
+@Suite struct FilesystemTests {
+    let mib: UInt64 = 1 << 20
+
+    @Test func rootListsRBDPoolsAsDirectories() throws {
+        let h = try Harness()
+        let listing = try h.fs.directoryItems(try h.fs.openDirectory(InodeTable.rootInode))
+        #expect(listing.map(\.name).sorted() == ["images", "vms", "volumes"])
+        #expect(listing.allSatisfy { $0.kind == .directory })
+        #expect(try h.fs.getattr(try h.path("images")).kind == .directory)
+        expectErrno(.noSuchFileOrDirectory) { _ = try h.path("nope") }
+    }
+
+    @Test func imagesSnapshotsAndNamespacesAreListed() throws {
+        let h = try Harness { store in
+            try store.createImage(ImageSpec(pool: "images", name: "disk"), size: 8 * mib, options: .init())
+            try store.createNamespace(pool: "images", name: "tenant")
+            try store.createImage(ImageSpec(pool: "images", namespace: "tenant", name: "vol"), size: mib, options: .init())
+            let image = try store.openImage(ImageSpec(pool: "images", name: "disk"), snapshot: nil, readOnly: false)
+            try image.createSnapshot("snap")
+            image.close()
+        }
+        let pool = try h.path("images")
+        let names = try h.fs.directoryItems(try h.fs.openDirectory(pool)).map(\.name)
+        #expect(names == ["tenant", "disk", "disk@snap"])
+        let attributes = try h.fs.getattr(try h.path("images", "disk"))
+        #expect(attributes.size == 8 * mib && attributes.permissions == 0o644 && attributes.kind == .regularFile)
+        #expect(try h.fs.getattr(try h.path("images", "disk@snap")).permissions == 0o444)
+        #expect(try h.fs.getattr(try h.path("images", "tenant", "vol")).size == mib)
+        expectErrno(.noSuchFileOrDirectory) { _ = try h.path("images", "disk@other") }
+        expectErrno(.invalidArgument) { _ = try h.path("images", "a@b@c") }
+    }
+
+    @Test func onePoolAsRoot() throws {
+        var options = FSOptions()
+        options.pool = "vms"
+        let h = try Harness(options: options) { store in
+            try store.createImage(ImageSpec(pool: "vms", name: "x_disk"), size: mib, options: .init())
+        }
+        #expect(try h.fs.directoryItems(try h.fs.openDirectory(InodeTable.rootInode)).map(\.name) == ["x_disk"])
+    }
+
+    @Test func writeThenReadAcrossObjectsAndEOF() throws {
+        let h = try Harness { store in
+            try store.createImage(ImageSpec(pool: "images", name: "disk"), size: 12 * mib, options: .init())
+        }
+        let file = try h.fs.open(try h.path("images", "disk"), flags: O_RDWR)
+        let data = (0..<Int(6 * mib)).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        #expect(try h.write(file, at: 3 * mib, data) == data.count)
+        #expect(try h.read(file, at: 3 * mib, count: data.count) == data)
+        // A read crossing the end is clamped; at or past the end it is empty, never an error.
+        #expect(try h.read(file, at: 12 * mib - 10, count: 4096).count == 10)
+        #expect(try h.read(file, at: 12 * mib, count: 4096).isEmpty)
+        #expect(try h.read(file, at: 100 * mib, count: 4096).isEmpty)
+        h.fs.release(file)
+    }
+
+    @Test func writePastTheEndGrowsThenTrimsOnFlush() throws {
+        let spec = ImageSpec(pool: "images", name: "grow")
+        let h = try Harness { store in try store.createImage(spec, size: 0, options: .init()) }
+        let inode = try h.path("images", "grow")
+        let file = try h.fs.open(inode, flags: O_WRONLY)
+        #expect(try h.write(file, at: 0, Array(repeating: 7, count: 100_000)) == 100_000)
+        // The file shows exactly what was written, while the image is over-allocated by a growth step.
+        #expect(try h.fs.getattr(inode).size == 100_000)
+        #expect(try h.store.openImage(spec, snapshot: nil, readOnly: true).size() > 100_000)
+        try h.fsync(file)
+        #expect(try h.store.openImage(spec, snapshot: nil, readOnly: true).size() == 100_000)
+        h.fs.release(file)
+    }
+
+    @Test func snapshotsAreReadOnly() throws {
+        let h = try Harness { store in
+            let spec = ImageSpec(pool: "images", name: "disk")
+            try store.createImage(spec, size: mib, options: .init())
+            let image = try store.openImage(spec, snapshot: nil, readOnly: false)
+            try image.createSnapshot("s")
+            image.close()
+        }
+        let snap = try h.path("images", "disk@s")
+        expectErrno(.readOnlyFileSystem) { _ = try h.fs.open(snap, flags: O_RDWR) }
+        expectErrno(.readOnlyFileSystem) { _ = try h.fs.setattr(snap, changes: AttributeChanges(size: 0)) }
+        let file = try h.fs.open(snap, flags: O_RDONLY)
+        #expect(try h.read(file, at: 0, count: 10) == Array(repeating: 0, count: 10))
+        h.fs.release(file)
+    }
+
+    @Test func readOnlyMountRefusesWritesInTheDaemon() throws {
+        var options = FSOptions()
+        options.readOnly = true
+        let h = try Harness(options: options) { store in
+            try store.createImage(ImageSpec(pool: "images", name: "disk"), size: mib, options: .init())
+        }
+        let inode = try h.path("images", "disk")
+        expectErrno(.readOnlyFileSystem) { _ = try h.fs.open(inode, flags: O_WRONLY) }
+        expectErrno(.readOnlyFileSystem) { _ = try h.fs.setattr(inode, changes: AttributeChanges(size: 2 * mib)) }
+        #expect(try h.fs.getattr(inode).permissions == 0o444)
+    }
+
+    @Test func shrinkingAwayDataIsRefusedUnlessAllowed() throws {
+        let spec = ImageSpec(pool: "images", name: "disk")
+        let h = try Harness { store in try store.createImage(spec, size: 16 * mib, options: .init()) }
+        let inode = try h.path("images", "disk")
+        let file = try h.fs.open(inode, flags: O_RDWR)
+        _ = try h.write(file, at: 9 * mib, [1, 2, 3])
+        // Growing is free; shrinking over empty space is free; cutting off data is EPERM.
+        #expect(try h.fs.setattr(inode, changes: AttributeChanges(size: 32 * mib)).size == 32 * mib)
+        #expect(try h.fs.setattr(inode, changes: AttributeChanges(size: 12 * mib)).size == 12 * mib)
+        expectErrno(.notPermitted) { _ = try h.fs.setattr(inode, changes: AttributeChanges(size: 4 * mib)) }
+        expectErrno(.notPermitted) { _ = try h.fs.open(inode, flags: O_WRONLY | O_TRUNC) }
+        #expect(try h.read(file, at: 9 * mib, count: 3) == [1, 2, 3])
+        h.fs.release(file)
+
+        var options = FSOptions()
+        options.allowShrink = true
+        let permissive = RBDFilesystem(store: h.store, options: options, logger: Logger(label: "test"))
+        var inode2 = InodeTable.rootInode
+        for name in ["images", "disk"] { inode2 = try permissive.lookup(parent: inode2, name: name).inode }
+        #expect(try permissive.setattr(inode2, changes: AttributeChanges(size: 4 * mib)).size == 4 * mib)
+    }
+
+    @Test func storageErrorsReachTheCallerWithTheirErrno() throws {
+        let h = try Harness { store in
+            try store.createImage(ImageSpec(pool: "images", name: "disk"), size: 8 * mib, options: .init())
+        }
+        let file = try h.fs.open(try h.path("images", "disk"), flags: O_RDWR)
+        h.store.injectFault(.ioError, operation: "rbd_aio_write")
+        expectErrno(.ioError) { _ = try h.write(file, at: 0, Array(repeating: 1, count: Int(6 * mib))) }
+        h.store.injectFault(.ioError, operation: "rbd_aio_read")
+        expectErrno(.ioError) { _ = try h.read(file, at: 0, count: 4096) }
+        h.store.injectFault(.ioError, operation: "rbd_aio_flush")
+        expectErrno(.ioError) { try h.fsync(file) }
+        h.fs.release(file)
+    }
+
+    @Test func chmodIsRefusedAndTimesAreAccepted() throws {
+        let h = try Harness { store in
+            try store.createImage(ImageSpec(pool: "images", name: "disk"), size: mib, options: .init())
+        }
+        let inode = try h.path("images", "disk")
+        expectErrno(.notPermitted) { _ = try h.fs.setattr(inode, changes: AttributeChanges(mode: 0o600)) }
+        #expect(try h.fs.setattr(inode, changes: AttributeChanges(times: true)).size == mib)
+    }
+}
