@@ -27,6 +27,7 @@ let package = Package(
         .target(name: "RBD", dependencies: [
             "CRBD", "Storage",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "SystemPackage", package: "swift-system"),
         ]),
         // The filesystem: names, inodes, conventions, the I/O engine, the one errno mapping. No C, no FUSE.
         .target(name: "RBDFS", dependencies: [
@@ -48,7 +49,11 @@ let package = Package(
         .testTarget(name: "RBDFSTests", dependencies: ["RBDFS", "MemoryStore", "Storage"]),
         .testTarget(name: "MemoryStoreTests", dependencies: ["MemoryStore", "Storage"]),
         // The Ceph store against a real local cluster (RBDFS_TEST_CEPH_CONF), no mount.
-        .testTarget(name: "RBDTests", dependencies: ["RBD", "Storage"]),
+        .testTarget(name: "RBDTests", dependencies: [
+            "RBD", "Storage",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
         // The mounted filesystem against a real local cluster, checked with rbd, dd, cp, stat, ...
         .testTarget(name: "IntegrationTests", dependencies: []),
     ],

@@ -172,7 +172,6 @@ extension FuseSession {
     /// Negotiates the connection: 1 MiB requests, many in the background, and what the kernel may cache.
     func configure(_ connection: UnsafeMutablePointer<fuse_conn_info>) {
         connection.pointee.max_write = tuning.maxWrite
-        connection.pointee.max_read = tuning.maxWrite
         connection.pointee.max_readahead = tuning.maxWrite
         connection.pointee.max_background = tuning.maxBackground
         connection.pointee.congestion_threshold = tuning.maxBackground * 3 / 4

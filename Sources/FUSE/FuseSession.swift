@@ -58,13 +58,43 @@ public final class FuseSession: @unchecked Sendable {
         self.mountpoint = mountpoint
     }
 
+    /// The signals that end the mount.
+    private static let terminationSignals = [SIGTERM, SIGINT, SIGHUP]
+
+    /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and every thread it starts later (librados',
+    /// libfuse's), so that they reach only the waiting thread `run()` starts. Call before connecting.
+    /// (libfuse's own handlers only flag the session: delivered to some librados thread, they would leave the
+    /// loop asleep until the next request.)
+    public static func blockTerminationSignals() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for signal in terminationSignals { sigaddset(&set, signal) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+    }
+
+    /// Waits for a termination signal on a thread of its own, then ends the session loop: it flags the
+    /// session and detaches the mount, which wakes every worker blocked reading /dev/fuse.
+    private func watchTerminationSignals() {
+        let thread = Thread { [self] in
+            var set = sigset_t()
+            sigemptyset(&set)
+            for signal in Self.terminationSignals { sigaddset(&set, signal) }
+            var received: Int32 = 0
+            guard sigwait(&set, &received) == 0 else { return }
+            logger.info("signal \(received): unmounting \(mountpoint ?? "")")
+            guard let session else { return }
+            fuse_session_exit(session)
+            fuse_session_unmount(session)
+        }
+        thread.name = "rbdfs-signals"
+        thread.start()
+    }
+
     /// Serves requests until unmounted or signalled (SIGTERM, SIGINT, SIGHUP); then flushes every image and
     /// unmounts. Returns 0 on a clean exit.
     public func run() -> Int32 {
         guard let session else { return 1 }
-        if fuse_set_signal_handlers(session) != 0 {
-            logger.warning("could not install signal handlers; SIGTERM will not unmount cleanly")
-        }
+        watchTerminationSignals()
         let config = fuse_loop_cfg_create()
         fuse_loop_cfg_set_max_threads(config, UInt32(tuning.maxThreads))
         fuse_loop_cfg_set_idle_threads(config, UInt32(max(4, tuning.maxThreads / 2)))
@@ -72,7 +102,6 @@ public final class FuseSession: @unchecked Sendable {
         fuse_loop_cfg_destroy(config)
         logger.info("session loop ended (status \(status)); flushing and unmounting \(mountpoint ?? "")")
         filesystem.shutdown()
-        fuse_remove_signal_handlers(session)
         fuse_session_unmount(session)
         fuse_session_destroy(session)
         self.session = nil

@@ -46,9 +46,18 @@ enum Daemon {
             Foundation.exit(1)
         }
         close(fds[0])
+        closeInheritedDescriptors(keeping: fds[1])
         setsid()
         chdir("/")
         return ParentLink(fd: fds[1])
+    }
+
+    /// A daemon must not hold its starter's descriptors (a pipe it holds never reaches end-of-file).
+    private static func closeInheritedDescriptors(keeping kept: Int32) {
+        let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        for fd in open.compactMap(Int32.init) where fd > STDERR_FILENO && fd != kept {
+            close(fd)
+        }
     }
 
     private static func readAll(_ fd: Int32) -> String {

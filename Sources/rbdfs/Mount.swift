@@ -54,7 +54,7 @@ struct Mount: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
-    @Option(name: .short, help: "FUSE mount options, comma-separated (e.g. allow_other).")
+    @Option(name: .customShort("o"), help: "FUSE mount options, comma-separated (e.g. allow_other).")
     var fuseOptions: [String] = []
 
     func validate() throws {
@@ -70,6 +70,7 @@ struct Mount: ParsableCommand {
         let mountpoint = URL(fileURLWithPath: self.mountpoint).standardizedFileURL.path
         // Never fork after rados_connect (librados' threads would not survive it): detach first.
         let parentLink = foreground ? nil : try Daemon.detach()
+        FuseSession.blockTerminationSignals()
         LoggingSystem.bootstrap { label in
             var handler: any LogHandler
             if foreground {

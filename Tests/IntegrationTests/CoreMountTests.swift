@@ -157,13 +157,13 @@ struct MountLifecycleTests {
         #expect(mount.isMounted)
         mount.unmount()
         #expect(!mount.isMounted)
-        let daemons = try run("pgrep -f -- 'rbdfs mount \(mount.path) '")
-        #expect(try eventually(within: 5) { !(try run("pgrep -f -- 'rbdfs mount \(mount.path) '")).succeeded }, "\(daemons.stdout)")
+        // [r] keeps the pattern from matching the shell that runs pgrep.
+        #expect(try eventually(within: 5) { !(try run("pgrep -f -- '[r]bdfs mount \(mount.path) '")).succeeded })
     }
 
     @Test func sigtermUnmountsCleanly() throws {
         let mount = try MountedRBDFS()
-        try sh("pkill -TERM -f -- 'rbdfs mount \(mount.path) '")
+        try sh("pkill -TERM -f -- '[r]bdfs mount \(mount.path) '")
         #expect(eventually(within: 10) { !mount.isMounted })
     }
 }

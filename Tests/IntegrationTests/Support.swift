@@ -33,28 +33,42 @@ struct CommandFailed: Error, CustomStringConvertible {
 }
 
 /// Runs a shell command with the test cluster's CEPH_CONF; returns its status and output.
+///
+/// posix_spawn and waitpid rather than Foundation's Process, and output to files rather than pipes:
+/// `rbdfs mount` leaves a daemon behind that inherits whatever descriptors are open, and a pipe held by
+/// a daemon never reaches end-of-file; tests run in parallel, so some other test's pipe would be open.
 @discardableResult
 func run(_ command: String, timeout: Double = 120) throws -> CommandResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/bin/bash")
-    process.arguments = ["-c", "timeout \(Int(timeout)) bash -c \(shellQuote(command))"]
+    let base = NSTemporaryDirectory() + "rbdfs-cmd-" + UUID().uuidString
+    let outPath = base + ".out", errPath = base + ".err"
+    defer {
+        unlink(outPath)
+        unlink(errPath)
+    }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
     var environment = ProcessInfo.processInfo.environment
     if let conf = Environment.cephConf { environment["CEPH_CONF"] = conf }
-    process.environment = environment
-    let out = Pipe(), err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    // Read both pipes while the command runs so a large output cannot fill one and stall it.
-    let group = DispatchGroup()
-    var outData = Data(), errData = Data()
-    DispatchQueue.global().async(group: group) { outData = out.fileHandleForReading.readDataToEndOfFile() }
-    DispatchQueue.global().async(group: group) { errData = err.fileHandleForReading.readDataToEndOfFile() }
-    process.waitUntilExit()
-    group.wait()
-    return CommandResult(status: process.terminationStatus,
-                         stdout: String(decoding: outData, as: UTF8.self),
-                         stderr: String(decoding: errData, as: UTF8.self))
+    let arguments = ["/bin/bash", "-c", "timeout -k 5 \(Int(timeout)) bash -c \(shellQuote(command))"]
+    var argv = arguments.map { strdup($0) } + [nil]
+    var envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+    defer {
+        argv.forEach { free($0) }
+        envp.forEach { free($0) }
+    }
+    var pid: pid_t = 0
+    let spawned = posix_spawn(&pid, "/bin/bash", &actions, nil, &argv, &envp)
+    guard spawned == 0 else { throw CommandFailed(command: command, result: CommandResult(status: -1, stdout: "", stderr: "posix_spawn: \(spawned)")) }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    let exited = status & 0x7f == 0
+    return CommandResult(status: exited ? (status >> 8) & 0xff : 128 + (status & 0x7f),
+                         stdout: (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "",
+                         stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "")
 }
 
 /// Runs a command that must succeed; returns its stdout.
