@@ -150,6 +150,130 @@ enum FuseOperations {
                 s.replyError(request, error, operation: "statfs")
             }
         }
+        ops.create = { request, parent, name, _, info in
+            guard let request, let cName = name, let info else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            do throws(FSError) {
+                let (entry, handle) = try s.filesystem.create(parent: parent, name: name, flags: info.pointee.flags)
+                info.pointee.fh = handle
+                var parameters = s.entryParameters(entry)
+                if fuse_reply_create(request, &parameters, info) != 0 {
+                    s.filesystem.forget(entry.inode, count: 1)
+                    s.filesystem.release(handle)
+                }
+            } catch {
+                s.replyError(request, error, operation: "create \(name)")
+            }
+        }
+        ops.mknod = { request, parent, name, mode, _ in
+            guard let request, let cName = name else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            guard mode & Glibc.S_IFMT == Glibc.S_IFREG else {
+                return s.replyError(request, .notPermitted(name, reason: "only regular files (images) can be made"), operation: "mknod \(name)")
+            }
+            do throws(FSError) {
+                s.replyEntry(request, try s.filesystem.makeFile(parent: parent, name: name))
+            } catch {
+                s.replyError(request, error, operation: "mknod \(name)")
+            }
+        }
+        ops.unlink = { request, parent, name in
+            guard let request, let cName = name else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            do throws(FSError) {
+                try s.filesystem.unlink(parent: parent, name: name)
+                fuse_reply_err(request, 0)
+            } catch {
+                s.replyError(request, error, operation: "unlink \(name)")
+            }
+        }
+        ops.rename = { request, parent, name, newParent, newName, flags in
+            guard let request, let cName = name, let cNewName = newName else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName), newName = String(cString: cNewName)
+            do throws(FSError) {
+                // RENAME_EXCHANGE has no RBD equivalent; plain renames never replace anyway.
+                if flags & 2 != 0 {  // RENAME_EXCHANGE (linux/fs.h)
+                    throw FSError.notSupported(name, reason: "exchanging names is not supported")
+                }
+                try s.filesystem.rename(parent: parent, name: name, newParent: newParent, newName: newName)
+                fuse_reply_err(request, 0)
+            } catch {
+                s.replyError(request, error, operation: "rename \(name) to \(newName)")
+            }
+        }
+        ops.link = { request, inode, newParent, newName in
+            guard let request, let cNewName = newName else { return }
+            let s = FuseOperations.session(request), newName = String(cString: cNewName)
+            do throws(FSError) {
+                s.replyEntry(request, try s.filesystem.link(inode, newParent: newParent, newName: newName))
+            } catch {
+                s.replyError(request, error, operation: "link to \(newName)")
+            }
+        }
+        ops.symlink = { request, _, _, name in
+            guard let request, let cName = name else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            s.replyError(request, .notPermitted(name, reason: "RBD has no symbolic links; ln (hard) snapshots and clones"), operation: "symlink \(name)")
+        }
+        ops.mkdir = { request, parent, name, _ in
+            guard let request, let cName = name else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            do throws(FSError) {
+                s.replyEntry(request, try s.filesystem.makeDirectory(parent: parent, name: name))
+            } catch {
+                s.replyError(request, error, operation: "mkdir \(name)")
+            }
+        }
+        ops.rmdir = { request, parent, name in
+            guard let request, let cName = name else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            do throws(FSError) {
+                try s.filesystem.removeDirectory(parent: parent, name: name)
+                fuse_reply_err(request, 0)
+            } catch {
+                s.replyError(request, error, operation: "rmdir \(name)")
+            }
+        }
+        ops.getxattr = { request, inode, name, size in
+            guard let request, let cName = name else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            do throws(FSError) {
+                s.replyExtendedAttribute(request, try s.filesystem.extendedAttribute(inode, name: name), size: size)
+            } catch {
+                s.replyError(request, error, operation: "getxattr \(name)")
+            }
+        }
+        ops.listxattr = { request, inode, size in
+            guard let request else { return }
+            let s = FuseOperations.session(request)
+            do throws(FSError) {
+                let names = try s.filesystem.listExtendedAttributes(inode)
+                s.replyExtendedAttribute(request, names.flatMap { Array($0.utf8) + [0] }, size: size)
+            } catch {
+                s.replyError(request, error, operation: "listxattr")
+            }
+        }
+        ops.setxattr = { request, inode, name, value, size, _ in
+            guard let request, let cName = name else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
+            do throws(FSError) {
+                try s.filesystem.setExtendedAttribute(inode, name: name, value: bytes)
+                fuse_reply_err(request, 0)
+            } catch {
+                s.replyError(request, error, operation: "setxattr \(name)")
+            }
+        }
+        ops.removexattr = { request, inode, name in
+            guard let request, let cName = name else { return }
+            let s = FuseOperations.session(request), name = String(cString: cName)
+            do throws(FSError) {
+                try s.filesystem.removeExtendedAttribute(inode, name: name)
+                fuse_reply_err(request, 0)
+            } catch {
+                s.replyError(request, error, operation: "removexattr \(name)")
+            }
+        }
         return ops
     }
 
@@ -176,6 +300,17 @@ extension FuseSession {
         connection.pointee.max_background = tuning.maxBackground
         connection.pointee.congestion_threshold = tuning.maxBackground * 3 / 4
         logger.debug("FUSE connection: protocol \(connection.pointee.proto_major).\(connection.pointee.proto_minor), max_write \(connection.pointee.max_write)")
+    }
+
+    /// getxattr / listxattr: a zero size asks for the length; a buffer too small is ERANGE.
+    func replyExtendedAttribute(_ request: fuse_req_t, _ value: [UInt8], size: Int) {
+        if size == 0 {
+            fuse_reply_xattr(request, value.count)
+        } else if value.count > size {
+            fuse_reply_err(request, ERANGE)
+        } else {
+            value.withUnsafeBytes { _ = fuse_reply_buf(request, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        }
     }
 
     func replyStatus(_ request: fuse_req_t, _ result: Result<Void, FSError>, operation: String) {

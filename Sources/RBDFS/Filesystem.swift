@@ -12,6 +12,15 @@ public struct FSOptions: Sendable {
     public var readOnly = false
     /// Allow truncate to cut off data (`rbd resize --allow-shrink`).
     public var allowShrink = false
+    /// Allow rmdir of an empty pool (the cluster's `mon_allow_pool_delete` still applies).
+    public var allowPoolDelete = false
+    /// Object size of new images; nil: the cluster's default (4 MiB).
+    public var objectSize: UInt64?
+    /// Feature bits of new images; nil: the cluster's `rbd_default_features`.
+    public var features: UInt64?
+    /// A clone deeper than this many ancestors is flattened right after cloning (Cinder's
+    /// `rbd_max_clone_depth`); 0 makes every clone a full copy.
+    public var maxCloneDepth = 5
     /// How long listings and attributes are reused; the same bound as the kernel's entry / attr timeouts.
     public var metadataTTL: Duration = .seconds(1)
     public var uid: UInt32 = 0
@@ -59,14 +68,16 @@ public final class RBDFilesystem: @unchecked Sendable {
     let logger: Logger
     let cache: MetadataCache
 
-    private struct OpenFile {
+    struct OpenFile {
         var image: OpenImage
         var writable: Bool
     }
 
-    private let lock = NSLock()
-    private var openImages: [NodeKey: OpenImage] = [:]
-    private var openFiles: [UInt64: OpenFile] = [:]
+    let lock = NSLock()
+    /// Open images by the node they serve; a Glance-style upload's head image is filed under its
+    /// `image@snap` node until the snapshot is taken.
+    var openImages: [NodeKey: OpenImage] = [:]
+    var openFiles: [UInt64: OpenFile] = [:]
     private var directoryListings: [UInt64: [DirectoryItem]] = [:]
     private var nextHandle: UInt64 = 1
 
@@ -164,12 +175,19 @@ public final class RBDFilesystem: @unchecked Sendable {
             return fileAttributes(inode: inode, info: summary.info, size: size, readOnly: options.readOnly,
                                   times: (summary.info.accessTime, summary.info.modifyTime), linkCount: 1)
         case .snapshot(let spec, let name):
+            if let upload = lock.withLock({ openImages[key] }), upload.isUploading {
+                let info = try FSError.wrap { try upload.handle.info() }
+                return fileAttributes(inode: inode, info: info, size: try upload.currentSize(), readOnly: false,
+                                      times: (info.accessTime, info.modifyTime), linkCount: 1)
+            }
             let summary = try summary(of: spec)
             guard let snap = summary.snapshots.first(where: { $0.name == name }) else {
                 throw .notFound(key.description)
             }
+            // One link per clone made from it: `ls -l` shows which snapshots are in use.
+            let clones = try children(of: spec, snapshot: name).count
             return fileAttributes(inode: inode, info: summary.info, size: snap.size, readOnly: true,
-                                  times: (snap.timestamp, snap.timestamp), linkCount: 1)
+                                  times: (snap.timestamp, snap.timestamp), linkCount: UInt32(1 + clones))
         }
     }
 
@@ -221,12 +239,11 @@ public final class RBDFilesystem: @unchecked Sendable {
     /// Resizes an image. Growing is free (thin); a shrink that would cut off data is refused unless the
     /// mount allows it, like `rbd resize --allow-shrink`.
     func truncate(_ key: NodeKey, to size: UInt64) throws(FSError) {
-        guard case .image(let spec) = key else {
-            if case .snapshot = key { throw .readOnly(key.description, reason: "snapshots are read-only") }
-            throw .isDirectory(key.description)
-        }
-        try checkWritable(key)
+        guard !key.isDirectory else { throw .isDirectory(key.description) }
+        try checkMountWritable(key.description)
         try withImage(key) { (image: OpenImage) throws(FSError) in
+            // A snapshot refuses, unless it is an upload still taking data (cp ends with ftruncate).
+            try checkWritable(key, image: image)
             let current = try image.currentSize()
             guard size != current else { return }
             if size < current && !options.allowShrink {
@@ -238,14 +255,22 @@ public final class RBDFilesystem: @unchecked Sendable {
                 }
             }
             try image.resize(to: size)
-            logger.info("resized \(spec) from \(current) to \(size) bytes")
+            logger.info("resized \(image.spec) from \(current) to \(size) bytes")
+            cache.forgetImage(image.spec)
         }
-        cache.forget(spec)
     }
 
-    func checkWritable(_ key: NodeKey) throws(FSError) {
+    func checkMountWritable(_ path: String) throws(FSError) {
+        if options.readOnly { throw .readOnly(path, reason: "the mount is read-only") }
+    }
+
+    /// Refuses changes on a read-only mount and to snapshots (but an upload to `image@snap` still in
+    /// progress takes writes).
+    func checkWritable(_ key: NodeKey, image: OpenImage? = nil) throws(FSError) {
         if options.readOnly { throw .readOnly(key.description, reason: "the mount is read-only") }
-        if case .snapshot = key { throw .readOnly(key.description, reason: "snapshots are read-only") }
+        if case .snapshot = key, image?.isUploading != true {
+            throw .readOnly(key.description, reason: "snapshots are read-only")
+        }
     }
 
     // MARK: - Directories
@@ -335,9 +360,16 @@ public final class RBDFilesystem: @unchecked Sendable {
         let key = try key(of: inode)
         guard !key.isDirectory else { throw .isDirectory(key.description) }
         let writable = (flags & O_ACCMODE) != O_RDONLY
-        if writable { try checkWritable(key) }
         let image = try acquireImage(key)
-        if writable && (flags & O_TRUNC) != 0 {
+        if writable {
+            do {
+                try checkWritable(key, image: image)
+            } catch {
+                releaseImage(image)
+                throw error
+            }
+        }
+        if writable && (flags & O_TRUNC) != 0 && !image.isUploading {
             do {
                 try truncate(key, to: 0)
             } catch {
@@ -345,10 +377,14 @@ public final class RBDFilesystem: @unchecked Sendable {
                 throw error
             }
         }
-        return lock.withLock {
+        return register(OpenFile(image: image, writable: writable))
+    }
+
+    func register(_ file: OpenFile) -> UInt64 {
+        lock.withLock {
             let handle = nextHandle
             nextHandle += 1
-            openFiles[handle] = OpenFile(image: image, writable: writable)
+            openFiles[handle] = file
             return handle
         }
     }
@@ -375,17 +411,27 @@ public final class RBDFilesystem: @unchecked Sendable {
         do throws(FSError) {
             file = try openFile(handle)
             guard file.writable else { throw FSError.invalidArgument(file.image.path, reason: "file not open for writing") }
-            try checkWritable(file.image.key)
+            if file.image.isSealed { throw FSError.readOnly(file.image.path, reason: "the upload is complete and its snapshot taken") }
         } catch {
             return reply(.failure(error))
         }
-        IOEngine.write(file.image, offset: offset, data: data, reply: reply)
+        let image = file.image
+        IOEngine.write(image, offset: offset, data: data) { result in
+            if case .failure(let error) = result { image.recordWriteFailure(error) }
+            reply(result)
+        }
         if case .image(let spec) = file.image.key { cache.forget(spec) }
     }
 
     /// close(2) of a file: writers' data is made durable and any growth step trimmed; errors reach close.
+    /// close(2) of the last writer of a Glance-style upload also takes and protects its snapshot.
     public func flush(_ handle: UInt64, reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
-        fsync(handle, reply: reply)
+        guard let file = lock.withLock({ openFiles[handle] }), file.writable,
+              file.image.pendingUpload() != nil, lock.withLock({ file.image.openCount == 1 })
+        else {
+            return fsync(handle, reply: reply)
+        }
+        reply(Result(catching: { () throws(FSError) in try finishUpload(file.image) }))
     }
 
     public func fsync(_ handle: UInt64, reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
@@ -470,6 +516,14 @@ public final class RBDFilesystem: @unchecked Sendable {
             return true
         }
         guard last else { return }
+        if image.pendingUpload() != nil {
+            // The last writer went without a flush reaching us (several descriptors): finish here.
+            do {
+                try finishUpload(image)
+            } catch {
+                logger.error("\(image.path): upload not completed: \(error)")
+            }
+        }
         do {
             try image.trimGrowth()
         } catch {

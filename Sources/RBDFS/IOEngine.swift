@@ -54,12 +54,38 @@ final class OpenImage: @unchecked Sendable {
     /// own size is the truth.
     private var writtenSize: UInt64?
 
-    init(key: NodeKey, spec: ImageSpec, handle: any ImageHandle, objectSize: UInt64) {
+    /// Glance-style upload: the snapshot to take of this (head) image when its last writer closes.
+    private var uploadSnapshot: String?
+    /// Set once the upload's snapshot is taken: the file is the snapshot now, and takes no more writes.
+    private var sealed = false
+    /// The first write that failed, so the upload's close fails too and no snapshot is made.
+    private var firstWriteError: FSError?
+
+    init(key: NodeKey, spec: ImageSpec, handle: any ImageHandle, objectSize: UInt64, uploadSnapshot: String? = nil) {
         self.key = key
         self.spec = spec
         self.handle = handle
         self.objectSize = objectSize
+        self.uploadSnapshot = uploadSnapshot
     }
+
+    /// True while this is an upload whose snapshot is not taken yet.
+    var isUploading: Bool { lock.withLock { uploadSnapshot != nil && !sealed } }
+    var isSealed: Bool { lock.withLock { sealed } }
+
+    func recordWriteFailure(_ error: FSError) {
+        lock.withLock { if firstWriteError == nil { firstWriteError = error } }
+    }
+
+    /// The upload's snapshot name when it is due (not sealed yet), or the write error that cancels it.
+    func pendingUpload() -> (snapshot: String, failure: FSError?)? {
+        lock.withLock {
+            guard let uploadSnapshot, !sealed else { return nil }
+            return (uploadSnapshot, firstWriteError)
+        }
+    }
+
+    func seal() { lock.withLock { sealed = true } }
 
     var path: String { key.description }
 

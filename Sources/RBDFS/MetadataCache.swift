@@ -16,6 +16,7 @@ final class MetadataCache: @unchecked Sendable {
     private var summaries: [ImageSpec: Stamped<ImageSummary>] = [:]
     private var namespaceLists: [String: Stamped<[String]>] = [:]
     private var poolList: Stamped<[PoolInfo]>?
+    private var childLists: [NodeKey: Stamped<[ImageSpec]>] = [:]
 
     init(ttl: Duration) { self.ttl = ttl }
 
@@ -40,6 +41,23 @@ final class MetadataCache: @unchecked Sendable {
 
     func forgetNamespaces(of pool: String) { lock.withLock { namespaceLists[pool] = nil } }
 
+    func children(of snapshot: NodeKey) -> [ImageSpec]? { lock.withLock { fresh(childLists[snapshot]) } }
+
+    func store(children: [ImageSpec], of snapshot: NodeKey) {
+        lock.withLock { childLists[snapshot] = Stamped(value: children, fetched: .now) }
+    }
+
+    /// Forgets an image's summary and the clone lists of its snapshots.
+    func forgetImage(_ spec: ImageSpec) {
+        lock.withLock {
+            summaries[spec] = nil
+            childLists = childLists.filter { key, _ in
+                if case .snapshot(let owner, _) = key { return owner != spec }
+                return true
+            }
+        }
+    }
+
     func pools() -> [PoolInfo]? { lock.withLock { fresh(poolList) } }
 
     func store(pools list: [PoolInfo]) { lock.withLock { poolList = Stamped(value: list, fetched: .now) } }
@@ -51,6 +69,7 @@ final class MetadataCache: @unchecked Sendable {
         lock.withLock {
             let now = ContinuousClock.now
             summaries = summaries.filter { now - $0.value.fetched < ttl }
+            childLists = childLists.filter { now - $0.value.fetched < ttl }
         }
     }
 }

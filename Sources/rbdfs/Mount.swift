@@ -39,6 +39,15 @@ struct Mount: ParsableCommand {
     @Flag(help: "Let truncate cut off data (like 'rbd resize --allow-shrink').")
     var allowShrink = false
 
+    @Flag(help: "Let rmdir delete an empty pool (the cluster's mon_allow_pool_delete still applies).")
+    var allowPoolDelete = false
+
+    @Option(help: "Object size of new images in bytes, a power of two (default: the cluster's, 4 MiB).")
+    var objectSize: UInt64?
+
+    @Option(help: "A clone deeper than this many ancestors is flattened at once (0: every clone is a full copy).")
+    var maxCloneDepth = 5
+
     @Option(name: .customLong("connect-timeout"), help: "Seconds to wait for the cluster before giving up.")
     var connectTimeout: Double = 30
 
@@ -64,6 +73,10 @@ struct Mount: ParsableCommand {
         }
         guard isDirectory.boolValue else { throw ValidationError("mount point \(mountpoint) is not a directory") }
         guard threads > 0, connectTimeout > 0 else { throw ValidationError("--threads and --connect-timeout must be positive") }
+        guard maxCloneDepth >= 0 else { throw ValidationError("--max-clone-depth must be 0 or more") }
+        if let objectSize, objectSize.nonzeroBitCount != 1 || objectSize < 4096 || objectSize > 32 << 20 {
+            throw ValidationError("--object-size must be a power of two from 4096 to 33554432 bytes")
+        }
     }
 
     func run() throws {
@@ -111,6 +124,9 @@ struct Mount: ParsableCommand {
         options.allPools = allPools
         options.readOnly = readOnly
         options.allowShrink = allowShrink
+        options.allowPoolDelete = allowPoolDelete
+        options.objectSize = objectSize
+        options.maxCloneDepth = maxCloneDepth
         options.uid = getuid()
         options.gid = getgid()
         if let pool {
