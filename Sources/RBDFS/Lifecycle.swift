@@ -141,11 +141,14 @@ extension RBDFilesystem {
         case .image(let spec):
             // rbdfs's own handle is a watcher and would make librbd answer EBUSY: let recent closes finish.
             try waitUntilClosed(key)
+            let parent = try? summary(of: spec).info.parent
             try FSError.wrap { try store.removeImage(spec) }
             cache.forgetImage(spec)
+            if let parent { cache.forgetImage(parent.image) }  // its snapshot has one clone less
             logger.info("removed image \(spec)")
         case .snapshot(let spec, let snap):
-            let clones = try children(of: spec, snapshot: snap)
+            // Asked afresh, not from the listing cache: a clone made a moment ago must keep its parent.
+            let clones = try FSError.wrap { try store.children(of: spec, snapshot: snap) }
             if !clones.isEmpty {
                 throw .busy(key.description, reason: "in use by \(clones.count) clone(s): \(clones.map(\.description).joined(separator: ", "))")
             }
