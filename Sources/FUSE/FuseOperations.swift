@@ -274,6 +274,23 @@ enum FuseOperations {
                 s.replyError(request, error, operation: "removexattr \(name)")
             }
         }
+        ops.fallocate = { request, _, mode, offset, length, info in
+            guard let request, let info else { return }
+            let s = FuseOperations.session(request), pending = PendingRequest(request)
+            s.filesystem.fallocate(info.pointee.fh, mode: mode, offset: UInt64(max(0, offset)), length: UInt64(max(0, length))) { result in
+                s.replyStatus(pending.request, result, operation: "fallocate mode \(mode) at \(offset)+\(length)")
+            }
+        }
+        ops.lseek = { request, _, offset, whence, info in
+            guard let request, let info else { return }
+            let s = FuseOperations.session(request)
+            do throws(FSError) {
+                let position = try s.filesystem.seek(info.pointee.fh, offset: UInt64(max(0, offset)), whence: whence)
+                fuse_reply_lseek(request, off_t(position))
+            } catch {
+                s.replyError(request, error, operation: "lseek whence \(whence) at \(offset)")
+            }
+        }
         return ops
     }
 

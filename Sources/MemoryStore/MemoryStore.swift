@@ -275,7 +275,8 @@ public final class MemoryStore: BlockStore, @unchecked Sendable {
                     let image = try imageRecord(spec, operation: operation)
                     return ImageSummary(
                         info: try imageInfo(image, snapshot: nil, operation: operation, target: spec.description),
-                        snapshots: image.snapshots.map(snapshotInfo))
+                        snapshots: image.snapshots.map(snapshotInfo),
+                        usedBytes: image.headVersion.ownUsedBytes)
                 }
             }
             return summaries

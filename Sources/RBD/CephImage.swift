@@ -152,20 +152,11 @@ public final class CephImage: ImageHandle, @unchecked Sendable {
     /// The bytes of the objects this image (or snapshot) holds itself, not counting a parent's: what
     /// `rbd du` reports for an image without snapshots, and what stays allocated if every snapshot goes.
     public func usedBytes() throws -> UInt64 {
-        let extents = try dataExtents(in: 0..<size(), includingParent: false)
-        return extents.reduce(0) { $0 + UInt64($1.count) }
+        try image.usedBytes(size: size())
     }
 
-    /// The corresponding C function is `rbd_diff_iterate2` (since the image was made, whole objects).
     private func dataExtents(in range: Range<UInt64>, includingParent: Bool) throws -> [Range<UInt64>] {
-        let collector = ExtentCollector()
-        let code = withExtendedLifetime(collector) {
-            rbd_diff_iterate2(raw, nil, range.lowerBound, UInt64(range.count), includingParent ? 1 : 0,
-                              1 /* whole_object */, ExtentCollector.callback,
-                              Unmanaged.passUnretained(collector).toOpaque())
-        }
-        try check(code, "rbd_diff_iterate2", target)
-        return collector.extents
+        try image.dataExtents(in: range, includingParent: includingParent)
     }
 
     // MARK: Snapshots
@@ -240,24 +231,6 @@ public final class CephImage: ImageHandle, @unchecked Sendable {
         if code < 0 {
             logger.error("\(StorageError(code: code, operation: "rbd_close", target: image.target))")
         }
-    }
-}
-
-/// Collects the extents `rbd_diff_iterate2` reports as holding data.
-private final class ExtentCollector {
-    private let lock = NSLock()
-    private var found: [Range<UInt64>] = []
-
-    var extents: [Range<UInt64>] { lock.withLock { found } }
-
-    /// librbd may call back from its own threads, and in no particular order.
-    static let callback: @convention(c) (UInt64, Int, Int32, UnsafeMutableRawPointer?) -> Int32 = {
-        offset, length, exists, context in
-        if exists != 0 {
-            let collector = Unmanaged<ExtentCollector>.fromOpaque(context!).takeUnretainedValue()
-            collector.lock.withLock { collector.found.append(offset..<offset + UInt64(length)) }
-        }
-        return 0
     }
 }
 

@@ -25,6 +25,8 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
     /// A file handle or inode the kernel should no longer be using.
     case staleHandle(String)
     case busy(String, reason: String)
+    /// SEEK_DATA past the last data, or SEEK_DATA / SEEK_HOLE at or past the end.
+    case noDataPastOffset(String, offset: UInt64)
 
     public var errno: Errno {
         switch self {
@@ -47,13 +49,14 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
         case .noAttribute: return Errno(rawValue: 61)  // ENODATA, which SystemPackage does not name on Linux
         case .staleHandle: return .staleNFSFileHandle
         case .busy: return .resourceBusy
+        case .noDataPastOffset: return .noSuchAddressOrDevice
         }
     }
 
     /// How loudly to log it: a lookup of a missing name is routine, a failed librbd call is not.
     public var logLevel: Logger.Level {
         switch self {
-        case .notFound, .noAttribute: return .debug
+        case .notFound, .noAttribute, .noDataPastOffset: return .debug
         case .storage(let error) where error.errno == .noSuchFileOrDirectory: return .debug
         case .storage: return .error
         case .invalidName, .readOnly, .notDirectory, .isDirectory, .exists, .notEmpty, .notPermitted,
@@ -80,6 +83,7 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
         case .noAttribute(let name): return "no attribute \(name)"
         case .staleHandle(let what): return "\(what): stale handle"
         case .busy(let path, let reason): return "\(path): busy: \(reason)"
+        case .noDataPastOffset(let path, let offset): return "\(path): no data at or after offset \(offset)"
         }
     }
 }

@@ -150,7 +150,9 @@ public final class RBDFilesystem: @unchecked Sendable {
         if let cached = cache.summary(spec) { return cached }
         let summary: ImageSummary
         if let open = lock.withLock({ openImages[.image(spec)] }) {
-            summary = try FSError.wrap { ImageSummary(info: try open.handle.info(), snapshots: try open.handle.snapshots()) }
+            summary = try FSError.wrap {
+                ImageSummary(info: try open.handle.info(), snapshots: try open.handle.snapshots(), usedBytes: try? open.handle.usedBytes())
+            }
         } else {
             guard let result = store.describeImages(pool: spec.pool, namespace: spec.namespace, names: [spec.name])[spec.name] else {
                 throw .notFound(spec.description)
@@ -173,12 +175,14 @@ public final class RBDFilesystem: @unchecked Sendable {
             var size = summary.info.size
             if let open = lock.withLock({ openImages[key] }) { size = try open.currentSize() }
             return fileAttributes(inode: inode, info: summary.info, size: size, readOnly: options.readOnly,
-                                  times: (summary.info.accessTime, summary.info.modifyTime), linkCount: 1)
+                                  times: (summary.info.accessTime, summary.info.modifyTime), linkCount: 1,
+                                  usedBytes: summary.usedBytes ?? 0)
         case .snapshot(let spec, let name):
             if let upload = lock.withLock({ openImages[key] }), upload.isUploading {
                 let info = try FSError.wrap { try upload.handle.info() }
                 return fileAttributes(inode: inode, info: info, size: try upload.currentSize(), readOnly: false,
-                                      times: (info.accessTime, info.modifyTime), linkCount: 1)
+                                      times: (info.accessTime, info.modifyTime), linkCount: 1,
+                                      usedBytes: (try? upload.handle.usedBytes()) ?? 0)
             }
             let summary = try summary(of: spec)
             guard let snap = summary.snapshots.first(where: { $0.name == name }) else {
@@ -187,17 +191,18 @@ public final class RBDFilesystem: @unchecked Sendable {
             // One link per clone made from it: `ls -l` shows which snapshots are in use.
             let clones = try children(of: spec, snapshot: name).count
             return fileAttributes(inode: inode, info: summary.info, size: snap.size, readOnly: true,
-                                  times: (snap.timestamp, snap.timestamp), linkCount: UInt32(1 + clones))
+                                  times: (snap.timestamp, snap.timestamp), linkCount: UInt32(1 + clones),
+                                  usedBytes: try snapshotUsedBytes(spec, name))
         }
     }
 
     private func fileAttributes(
         inode: UInt64, info: ImageInfo, size: UInt64, readOnly: Bool, times: (access: Timestamp, modify: Timestamp),
-        linkCount: UInt32
+        linkCount: UInt32, usedBytes: UInt64
     ) -> FileAttributes {
         FileAttributes(
             inode: inode, kind: .regularFile, permissions: readOnly ? 0o444 : 0o644, linkCount: linkCount,
-            size: size, blocks: 0, blockSize: UInt32(clamping: info.objectSize), accessTime: times.access,
+            size: size, blocks: (usedBytes + 511) / 512, blockSize: UInt32(clamping: info.objectSize), accessTime: times.access,
             modifyTime: times.modify, changeTime: max(times.modify, info.createTime), uid: options.uid, gid: options.gid)
     }
 
@@ -389,7 +394,7 @@ public final class RBDFilesystem: @unchecked Sendable {
         }
     }
 
-    private func openFile(_ handle: UInt64) throws(FSError) -> OpenFile {
+    func openFile(_ handle: UInt64) throws(FSError) -> OpenFile {
         guard let file = lock.withLock({ openFiles[handle] }) else { throw .staleHandle("file handle \(handle)") }
         return file
     }
@@ -445,6 +450,65 @@ public final class RBDFilesystem: @unchecked Sendable {
         IOEngine.flush(file.image, reply: reply)
     }
 
+    /// fallocate(2): PUNCH_HOLE (with KEEP_SIZE) and ZERO_RANGE make the range read as zeros and release
+    /// whole objects; mode 0 grows the image when the range passes its end (space is thin: nothing else to
+    /// do). Anything else is EOPNOTSUPP.
+    public func fallocate(_ handle: UInt64, mode: Int32, offset: UInt64, length: UInt64,
+                          reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
+        let keepSize: Int32 = 0x01, punchHole: Int32 = 0x02, zeroRange: Int32 = 0x10
+        let image: OpenImage, end: UInt64
+        do throws(FSError) {
+            let file = try openFile(handle)
+            image = file.image
+            if file.image.isSealed || (file.image.key.isSnapshot && !file.image.isUploading) {
+                throw FSError.readOnly(image.path, reason: "snapshots are read-only")
+            }
+            guard file.writable else { throw FSError.invalidArgument(image.path, reason: "file not open for writing") }
+            guard mode & ~(keepSize | punchHole | zeroRange) == 0, mode & (punchHole | zeroRange) != (punchHole | zeroRange) else {
+                throw FSError.notSupported(image.path, reason: "fallocate mode \(mode)")
+            }
+            end = offset + length
+            if mode & keepSize == 0, end > (try image.currentSize()) {
+                try image.prepareWrite(ending: end)
+            }
+        } catch {
+            return reply(.failure(error))
+        }
+        guard mode & (punchHole | zeroRange) != 0 else { return reply(.success(())) }
+        let size: UInt64
+        do {
+            size = try image.currentSize()
+        } catch {
+            return reply(.failure(error))
+        }
+        let clampedEnd = min(end, size)
+        guard offset < clampedEnd else { return reply(.success(())) }
+        IOEngine.zero(image, offset: offset, length: clampedEnd - offset, reply: reply)
+        cache.forgetImage(image.spec)
+    }
+
+    /// lseek SEEK_DATA / SEEK_HOLE from the image's allocation (rbd_diff_iterate2, fast-diff when valid),
+    /// whole objects, including a parent's data. ENXIO past the end, and for SEEK_DATA past the last data.
+    public func seek(_ handle: UInt64, offset: UInt64, whence: Int32) throws(FSError) -> UInt64 {
+        let image = try openFile(handle).image
+        let size = try image.currentSize()
+        // SEEK_DATA and SEEK_HOLE (Linux values; Glibc hides them behind _GNU_SOURCE).
+        let seekData: Int32 = 3, seekHole: Int32 = 4
+        guard whence == seekData || whence == seekHole else {
+            throw .invalidArgument(image.path, reason: "lseek whence \(whence)")
+        }
+        guard offset < size else { throw .noDataPastOffset(image.path, offset: offset) }
+        let extents = try image.dataExtents()
+        if whence == seekData {
+            guard let extent = extents.first(where: { $0.upperBound > offset }) else {
+                throw .noDataPastOffset(image.path, offset: offset)
+            }
+            return max(offset, extent.lowerBound)
+        }
+        if let extent = extents.first(where: { $0.contains(offset) }) { return min(extent.upperBound, size) }
+        return offset
+    }
+
     public func release(_ handle: UInt64) {
         guard let file = lock.withLock({ openFiles.removeValue(forKey: handle) }) else { return }
         releaseImage(file.image)
@@ -463,6 +527,17 @@ public final class RBDFilesystem: @unchecked Sendable {
             blockSize: block, totalBlocks: stats.totalBytes / block,
             freeBlocks: stats.availableBytes / block, availableBlocks: stats.availableBytes / block,
             files: stats.objects, nameMax: 255)
+    }
+
+    /// Bytes a snapshot holds (its objects as of the snapshot, not a parent's), cached as listings are.
+    func snapshotUsedBytes(_ spec: ImageSpec, _ name: String) throws(FSError) -> UInt64 {
+        let key = NodeKey.snapshot(spec, name: name)
+        if let cached = cache.usedBytes(of: key) { return cached }
+        let used = try withImage(key) { (image: OpenImage) throws(FSError) in
+            try FSError.wrap { try image.handle.usedBytes() }
+        }
+        cache.store(usedBytes: used, of: key)
+        return used
     }
 
     // MARK: - Image handles

@@ -60,6 +60,11 @@ final class OpenImage: @unchecked Sendable {
     private var sealed = false
     /// The first write that failed, so the upload's close fails too and no snapshot is made.
     private var firstWriteError: FSError?
+    /// Objects holding data, known only for images this mount created (empty at creation, then written only
+    /// through this handle while it is open): what lets all-zero writes into never-written objects be skipped.
+    private var writtenObjects: Set<UInt64>?
+    /// Data extents for SEEK_DATA / SEEK_HOLE, dropped by every change made through this handle.
+    private var cachedExtents: [Range<UInt64>]?
 
     init(key: NodeKey, spec: ImageSpec, handle: any ImageHandle, objectSize: UInt64, uploadSnapshot: String? = nil) {
         self.key = key
@@ -86,6 +91,47 @@ final class OpenImage: @unchecked Sendable {
     }
 
     func seal() { lock.withLock { sealed = true } }
+
+    // MARK: Allocation
+
+    /// Starts tracking written objects: call right after creating the image, before any write.
+    func trackAllocationFromEmpty() { lock.withLock { writtenObjects = [] } }
+
+    /// True when the object certainly holds no data (so writing zeros into it changes nothing).
+    func objectIsUnwritten(_ index: UInt64) -> Bool {
+        lock.withLock { writtenObjects.map { !$0.contains(index) } ?? false }
+    }
+
+    /// Records a write about to be issued.
+    func noteWrite(_ range: Range<UInt64>) {
+        lock.withLock {
+            cachedExtents = nil
+            guard writtenObjects != nil, !range.isEmpty else { return }
+            for index in (range.lowerBound / objectSize)...((range.upperBound - 1) / objectSize) {
+                writtenObjects!.insert(index)
+            }
+        }
+    }
+
+    /// Records a range made to read as zeros (whole objects in it no longer hold data).
+    func noteZeroed(_ range: Range<UInt64>) {
+        lock.withLock {
+            cachedExtents = nil
+            guard writtenObjects != nil else { return }
+            let first = (range.lowerBound + objectSize - 1) / objectSize
+            let end = range.upperBound / objectSize
+            if first < end { for index in first..<end { writtenObjects!.remove(index) } }
+        }
+    }
+
+    /// Data extents (object-aligned, merged, including a parent's data), cached until the next change.
+    func dataExtents() throws(FSError) -> [Range<UInt64>] {
+        if let cached = lock.withLock({ cachedExtents }) { return cached }
+        let size = try currentSize()
+        let extents = try FSError.wrap { try handle.allocatedExtents(in: 0..<size) }
+        lock.withLock { cachedExtents = extents }
+        return extents
+    }
 
     var path: String { key.description }
 
@@ -118,6 +164,11 @@ final class OpenImage: @unchecked Sendable {
         defer { lock.unlock() }
         try FSError.wrap { try handle.resize(to: size) }
         writtenSize = nil
+        cachedExtents = nil
+        if writtenObjects != nil {
+            let kept = (size + objectSize - 1) / objectSize
+            writtenObjects = writtenObjects!.filter { $0 < kept }
+        }
     }
 
     /// Gives back the unwritten tail of a growth step, so the image ends at the last byte written.
@@ -188,9 +239,17 @@ public enum IOEngine {
             return reply(.failure(error))
         }
         let pieces = ObjectExtents.split(offset: offset, length: UInt64(data.count), objectSize: image.objectSize)
-        let gather = PieceGather(pieces: pieces.count)
+        // Thin import: zeros written into an object that holds nothing change nothing, so they are not sent.
+        let sent = pieces.filter { piece in
+            let start = Int(piece.lowerBound - offset)
+            let slice = UnsafeRawBufferPointer(rebasing: data[start..<start + piece.count])
+            return !(image.objectIsUnwritten(piece.lowerBound / image.objectSize) && ZeroScan.isAllZero(slice))
+        }
         let total = data.count
-        for piece in pieces {
+        guard !sent.isEmpty else { return reply(.success(total)) }
+        let gather = PieceGather(pieces: sent.count)
+        for piece in sent {
+            image.noteWrite(piece)
             let start = Int(piece.lowerBound - offset)
             let slice = UnsafeRawBufferPointer(rebasing: data[start..<start + piece.count])
             image.handle.write(at: piece.lowerBound, from: slice) { result in
@@ -199,6 +258,17 @@ public enum IOEngine {
                 guard let outcome = gather.finish(failure) else { return }
                 reply(outcome.map { .failure(.storage($0)) } ?? .success(total))
             }
+        }
+    }
+
+    /// Makes `[offset, offset+length)` read as zeros, releasing the whole objects in it (punch hole,
+    /// zero range). The range must lie inside the image.
+    static func zero(_ image: OpenImage, offset: UInt64, length: UInt64,
+                     reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
+        guard length > 0 else { return reply(.success(())) }
+        image.noteZeroed(offset..<offset + length)
+        image.handle.writeZeroes(at: offset, length: length) { result in
+            reply(result.mapError { .storage($0) })
         }
     }
 
@@ -212,6 +282,19 @@ public enum IOEngine {
         image.handle.flush { result in
             reply(result.mapError { .storage($0) })
         }
+    }
+}
+
+enum ZeroScan {
+    /// True when every byte is zero; reads eight bytes at a time.
+    static func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard let base = bytes.baseAddress else { return true }
+        let words = bytes.count / 8
+        for index in 0..<words where base.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self) != 0 {
+            return false
+        }
+        for index in (words * 8)..<bytes.count where bytes[index] != 0 { return false }
+        return true
     }
 }
 

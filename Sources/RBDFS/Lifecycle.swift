@@ -19,17 +19,20 @@ extension RBDFilesystem {
         try checkMountWritable(key.description)
         switch key {
         case .image(let spec):
-            var openFlags = flags
+            let created: Bool
             if try exists(key) {
                 // The kernel's view was stale: the image appeared meanwhile (made by another client).
                 if flags & O_EXCL != 0 { throw .exists(key.description) }
+                created = false
             } else {
                 try createImage(spec)
-                openFlags &= ~O_TRUNC
+                created = true
             }
             let entry = try entry(for: key)
             do {
-                return (entry, try open(entry.inode, flags: openFlags))
+                let handle = try open(entry.inode, flags: created ? flags & ~O_TRUNC : flags)
+                if created { try openFile(handle).image.trackAllocationFromEmpty() }
+                return (entry, handle)
             } catch {
                 forget(entry.inode, count: 1)
                 throw error
@@ -88,6 +91,7 @@ extension RBDFilesystem {
         let key = NodeKey.snapshot(spec, name: snapshot)
         let image = OpenImage(key: key, spec: spec, handle: handle, objectSize: objectSize, uploadSnapshot: snapshot)
         image.openCount = 1
+        image.trackAllocationFromEmpty()
         let clash = lock.withLock { () -> Bool in
             if openImages[key] != nil { return true }
             openImages[key] = image

@@ -17,6 +17,7 @@ final class MetadataCache: @unchecked Sendable {
     private var namespaceLists: [String: Stamped<[String]>] = [:]
     private var poolList: Stamped<[PoolInfo]>?
     private var childLists: [NodeKey: Stamped<[ImageSpec]>] = [:]
+    private var snapshotUse: [NodeKey: Stamped<UInt64>] = [:]
 
     init(ttl: Duration) { self.ttl = ttl }
 
@@ -47,6 +48,12 @@ final class MetadataCache: @unchecked Sendable {
         lock.withLock { childLists[snapshot] = Stamped(value: children, fetched: .now) }
     }
 
+    func usedBytes(of snapshot: NodeKey) -> UInt64? { lock.withLock { fresh(snapshotUse[snapshot]) } }
+
+    func store(usedBytes: UInt64, of snapshot: NodeKey) {
+        lock.withLock { snapshotUse[snapshot] = Stamped(value: usedBytes, fetched: .now) }
+    }
+
     /// Forgets an image's summary and the clone lists of its snapshots.
     func forgetImage(_ spec: ImageSpec) {
         lock.withLock {
@@ -70,6 +77,7 @@ final class MetadataCache: @unchecked Sendable {
             let now = ContinuousClock.now
             summaries = summaries.filter { now - $0.value.fetched < ttl }
             childLists = childLists.filter { now - $0.value.fetched < ttl }
+            snapshotUse = snapshotUse.filter { now - $0.value.fetched < ttl }
         }
     }
 }

@@ -21,6 +21,11 @@ public enum NodeKey: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    public var isSnapshot: Bool {
+        if case .snapshot = self { return true }
+        return false
+    }
+
     /// The path inside the cluster, as the `rbd` CLI writes it (`pool/ns/image@snap`).
     public var description: String {
         switch self {

@@ -124,10 +124,13 @@ public struct SnapshotInfo: Hashable, Sendable {
 public struct ImageSummary: Hashable, Sendable {
     public var info: ImageInfo
     public var snapshots: [SnapshotInfo]
+    /// Bytes the image holds itself, as `rbd du` reports (nil when it could not be found out).
+    public var usedBytes: UInt64?
 
-    public init(info: ImageInfo, snapshots: [SnapshotInfo]) {
+    public init(info: ImageInfo, snapshots: [SnapshotInfo], usedBytes: UInt64? = nil) {
         self.info = info
         self.snapshots = snapshots
+        self.usedBytes = usedBytes
     }
 }
 
