@@ -313,7 +313,8 @@ extension FuseSession {
     /// Negotiates the connection: 1 MiB requests, many in the background, and what the kernel may cache.
     func configure(_ connection: UnsafeMutablePointer<fuse_conn_info>) {
         connection.pointee.max_write = tuning.maxWrite
-        connection.pointee.max_readahead = tuning.maxWrite
+        // The kernel caps the bdi's readahead (set at mount) to this when INIT completes.
+        connection.pointee.max_readahead = UInt32(max(Int(tuning.maxWrite), (tuning.readAheadKiB ?? 0) * 1024))
         connection.pointee.max_background = tuning.maxBackground
         connection.pointee.congestion_threshold = tuning.maxBackground * 3 / 4
         logger.debug("FUSE connection: protocol \(connection.pointee.proto_major).\(connection.pointee.proto_minor), max_write \(connection.pointee.max_write)")

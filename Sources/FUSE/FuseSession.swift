@@ -18,6 +18,9 @@ public struct FuseTuning: Sendable {
     /// Largest read / write request: 1 MiB, the kernel's limit of 256 pages.
     public var maxWrite: UInt32 = 1 << 20
     public var maxBackground: UInt32 = 64
+    /// The mount's readahead (its bdi's read_ahead_kb): the kernel's default 128 KiB leaves streaming reads
+    /// at a fraction of what librbd gives; 4 MiB (one object) more than doubles them. nil leaves it alone.
+    public var readAheadKiB: Int? = 4096
 
     public init() {}
 }
@@ -56,6 +59,28 @@ public final class FuseSession: @unchecked Sendable {
         }
         self.session = session
         self.mountpoint = mountpoint
+        if let readAheadKiB = tuning.readAheadKiB { setReadAhead(readAheadKiB, mountpoint: mountpoint) }
+    }
+
+    /// Writes the mount's bdi read_ahead_kb. The device number comes from /proc/self/mountinfo, not stat(2):
+    /// a stat of the mount point would wait for this very daemon, whose loop is not running yet.
+    private func setReadAhead(_ kib: Int, mountpoint: String) {
+        guard let table = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8),
+              let line = table.split(separator: "\n").last(where: {
+                  let fields = $0.split(separator: " ")
+                  return fields.count > 4 && fields[4] == mountpoint
+              })
+        else {
+            return logger.warning("\(mountpoint): not in /proc/self/mountinfo; readahead left as it is")
+        }
+        let device = line.split(separator: " ")[2]
+        let path = "/sys/class/bdi/\(device)/read_ahead_kb"
+        do {
+            try "\(kib)\n".write(toFile: path, atomically: false, encoding: .utf8)
+            logger.debug("\(path) = \(kib)")
+        } catch {
+            logger.warning("could not set \(path) to \(kib) (\(error)); streaming reads will be slower")
+        }
     }
 
     /// The signals that end the mount.

@@ -54,6 +54,9 @@ struct Mount: ParsableCommand {
     @Option(help: "FUSE worker threads.")
     var threads = 32
 
+    @Option(name: .customLong("read-ahead-kb"), help: "Kernel readahead of the mount, in KiB (0: the kernel's default).")
+    var readAheadKiB = 4096
+
     @Flag(name: [.short, .long], help: "Stay in the foreground and log to stderr.")
     var foreground = false
 
@@ -138,6 +141,7 @@ struct Mount: ParsableCommand {
         let filesystem = RBDFilesystem(store: store, options: options, logger: logger)
         var tuning = FuseTuning()
         tuning.maxThreads = threads
+        tuning.readAheadKiB = readAheadKiB > 0 ? readAheadKiB : nil
         let session = FuseSession(filesystem: filesystem, tuning: tuning, logger: logger)
         var mountOptions = ["fsname=rbdfs", "subtype=rbdfs", "default_permissions"]
         if readOnly { mountOptions.append("ro") }
