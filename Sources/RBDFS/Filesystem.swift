@@ -233,7 +233,13 @@ public final class RBDFilesystem: @unchecked Sendable {
     public func setattr(_ inode: UInt64, changes: AttributeChanges) throws(FSError) -> FileAttributes {
         let key = try key(of: inode)
         if changes.mode != nil || changes.uid != nil || changes.gid != nil {
-            throw .notPermitted(key.description, reason: "RBD images have no owner or mode to change")
+            // Setting what is already there is fine (cp -p, mv across pools); changing it is not.
+            let current = try attributes(of: key, inode: inode)
+            let sameMode = changes.mode.map { UInt16($0 & 0o7777) == current.permissions } ?? true
+            let sameOwner = (changes.uid ?? current.uid) == current.uid && (changes.gid ?? current.gid) == current.gid
+            guard sameMode && sameOwner else {
+                throw .notPermitted(key.description, reason: "RBD images have no owner or mode to change")
+            }
         }
         if let size = changes.size {
             try truncate(key, to: size)

@@ -71,11 +71,19 @@ extension RBDFilesystem {
         return Array(attribute.value.utf8)
     }
 
-    /// `setfattr -n user.rbd.flatten -v 1 FILE` flattens a clone; every other attribute is read-only.
+    /// `setfattr -n user.rbd.flatten -v 1 FILE` flattens a clone; every other attribute is read-only
+    /// (setting one to the value it has is accepted).
     public func setExtendedAttribute(_ inode: UInt64, name: String, value: [UInt8]) throws(FSError) {
         let key = try key(of: inode)
         guard name == Self.flattenAttribute else {
-            if name.hasPrefix("user.rbd.") { throw .notPermitted(key.description, reason: "\(name) is read-only") }
+            if name.hasPrefix("user.rbd.") {
+                // Copying a file's attributes onto itself (mv across pools, cp -a) sets what is already there.
+                if let current = try extendedAttributes(of: inode).first(where: { $0.name == name }), Array(current.value.utf8) == value {
+                    return
+                }
+                // ENOTSUP, not EPERM: cp -a and mv across pools skip unsupported attributes silently.
+                throw .notSupported(key.description, reason: "\(name) is read-only")
+            }
             throw .notSupported(key.description, reason: "only user.rbd.* attributes exist")
         }
         try checkMountWritable(key.description)
@@ -87,7 +95,7 @@ extension RBDFilesystem {
 
     public func removeExtendedAttribute(_ inode: UInt64, name: String) throws(FSError) {
         let key = try key(of: inode)
-        if name.hasPrefix("user.rbd.") { throw .notPermitted(key.description, reason: "\(name) is read-only") }
+        if name.hasPrefix("user.rbd.") { throw .notSupported(key.description, reason: "\(name) is read-only") }
         throw .noAttribute(name)
     }
 }

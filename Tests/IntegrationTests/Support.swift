@@ -72,9 +72,16 @@ func run(_ command: String, timeout: Double = 120) throws -> CommandResult {
 }
 
 /// Runs a command that must succeed; returns its stdout.
+///
+/// The `ceph` CLI of Pacific sometimes sends its first command before it knows the cluster's fsid and is
+/// refused ("problem getting command descriptions from mon"); such a run is retried, a few times.
 @discardableResult
 func sh(_ command: String, timeout: Double = 120) throws -> String {
-    let result = try run(command, timeout: timeout)
+    var result = try run(command, timeout: timeout)
+    for _ in 0..<4 where !result.succeeded && result.stderr.contains("problem getting command descriptions from mon") {
+        usleep(200_000)
+        result = try run(command, timeout: timeout)
+    }
     guard result.succeeded else { throw CommandFailed(command: command, result: result) }
     return result.stdout
 }

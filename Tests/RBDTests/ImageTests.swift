@@ -241,4 +241,30 @@ import Testing
         try watched.resize(to: 2 * MiB)  // shrinks are allowed
         #expect(try watched.size() == 2 * MiB)
     }
+
+    /// librbd 16.2 aborts the whole process (ceph_assert in DiffIterate) when asked to diff an empty range
+    /// of an image with fast-diff: a 0-byte image (what `touch` or `cp` of an empty file makes) must still
+    /// answer `du`, `ls -s` and SEEK_DATA.
+    @Test func anEmptyImageUsesNothingAndHasNoExtents() async throws {
+        let spec = ImageSpec(pool: "images", name: uniqueName("empty"))
+        try store.createImage(spec, size: 0, options: ImageCreateOptions())
+        defer { try? store.removeImage(spec) }
+        let handle = try store.openImage(spec, snapshot: nil, readOnly: false)
+        defer { handle.close() }
+        #expect(try handle.info().features & (1 << 4) != 0, "fast-diff, the case librbd asserts on")
+        #expect(try handle.usedBytes() == 0)
+        #expect(try handle.allocatedExtents(in: 0..<GiB) == [])
+        #expect(try handle.allocatedExtents(in: 0..<0) == [])
+
+        let summary = try #require(store.describeImages(pool: "images", namespace: "", names: [spec.name])[spec.name]).get()
+        #expect(summary.info.size == 0)
+        #expect(summary.usedBytes == 0)
+
+        try handle.createSnapshot("empty")
+        defer { try? handle.removeSnapshot("empty") }
+        let snapshot = try store.openImage(spec, snapshot: "empty", readOnly: true)
+        defer { snapshot.close() }
+        #expect(try snapshot.usedBytes() == 0)
+        #expect(try snapshot.allocatedExtents(in: 0..<MiB) == [])
+    }
 }
