@@ -522,12 +522,14 @@ public final class RBDFilesystem: @unchecked Sendable {
 
     public func statfs(_ inode: UInt64) throws(FSError) -> FilesystemStats {
         let key = (try? key(of: inode)) ?? .root
-        let stats: StorageStats
-        if case .pool(let pool) = key {
-            stats = try FSError.wrap { try store.poolStats(pool: pool) }
-        } else {
-            stats = try FSError.wrap { try store.clusterStats() }
+        let pool: String?
+        switch key {
+        case .root: pool = nil
+        case .pool(let name), .namespace(let name, _): pool = name
+        case .image(let spec), .snapshot(let spec, _): pool = spec.pool
         }
+        // Anything inside a pool reports that pool's use; the root of all pools, the cluster's.
+        let stats = try FSError.wrap { try pool.map { try store.poolStats(pool: $0) } ?? store.clusterStats() }
         let block: UInt64 = 4096
         return FilesystemStats(
             blockSize: block, totalBlocks: stats.totalBytes / block,
