@@ -4,6 +4,8 @@
 #define FUSE_USE_VERSION 312
 #include <fuse_lowlevel.h>
 #include <sys/stat.h>
+// Clients of a mount (rbdfs info) read its attributes through the ordinary syscalls.
+#include <sys/xattr.h>
 
 // FUSE_ARGS_INIT is a macro; Swift needs a function.
 static inline struct fuse_args CFuse_args_init(int argc, char **argv) {

@@ -31,6 +31,9 @@ extension RBDFilesystem {
         let fsid = try FSError.wrap { try store.fsid() }
         let location = spec.namespace.isEmpty ? "\(spec.pool)/\(spec.name)" : "\(spec.pool)/\(spec.namespace)/\(spec.name)"
         var attributes: [(String, String)] = [
+            // What the file is in RBD, as the rbd CLI names it: `rbdfs info` starts from this.
+            ("user.rbd.name", spec.describing(snapshot: snapshotName)),
+            ("user.rbd.size", "\(try attributes(of: key, inode: inode).size)"),
             ("user.rbd.id", info.id),
             ("user.rbd.format", "\(info.format)"),
             ("user.rbd.order", "\(info.order)"),

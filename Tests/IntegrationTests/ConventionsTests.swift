@@ -592,6 +592,8 @@ struct ConventionsTests {
             #expect(listed.contains("user.rbd.\(name)="), "\(name) not in \(listed)")
         }
         #expect(try xattr(mount, imageFile, "user.rbd.id") == info["id"] as? String)
+        #expect(try xattr(mount, imageFile, "user.rbd.name") == "images/\(image)")
+        #expect(try xattr(mount, imageFile, "user.rbd.size") == "\(info.int("size") ?? -1)")
         #expect(try xattr(mount, imageFile, "user.rbd.format") == "\(info.int("format") ?? -1)")
         #expect(try xattr(mount, imageFile, "user.rbd.order") == "\(info.int("order") ?? -1)")
         #expect(try xattr(mount, imageFile, "user.rbd.object_size") == "\(info.int("object_size") ?? -1)")
