@@ -45,13 +45,13 @@ struct OperatorTests {
         try sh("rbd create images/\(root) --size 8M")
         let mount = try MountedRBDFS()
         // A three-deep chain: root@s -> c1, c1@s -> c2, c2@s -> c3; plus a second clone of root@s.
-        var names: [String] = [root]
-        try sh("ln \(mount.q("images/\(root)")) \(mount.q("images/\(root)@s"))")
+        var parent = "images/\(root)"
+        try sh("ln \(mount.q(parent)) \(mount.q("\(parent)@s"))")
         for depth in 1...3 {
-            let clone = "\(root)-c\(depth)"
-            try sh("ln \(mount.q("images/\(names.last!)@s")) \(mount.q("vms/\(clone)"))")
-            if depth < 3 { try sh("ln \(mount.q("vms/\(clone)")) \(mount.q("vms/\(clone)@s"))") }
-            names.append(clone)
+            let clone = "vms/\(root)-c\(depth)"
+            try sh("ln \(mount.q("\(parent)@s")) \(mount.q(clone))")
+            if depth < 3 { try sh("ln \(mount.q(clone)) \(mount.q("\(clone)@s"))") }
+            parent = clone
         }
         try sh("ln \(mount.q("images/\(root)@s")) \(mount.q("volumes/\(root)-other"))")
         defer {
