@@ -30,7 +30,10 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
 
     public var errno: Errno {
         switch self {
-        case .storage(let error): return error.errno
+        case .storage(let error):
+            // The cluster refusing a client (cephx caps, mon_allow_pool_delete) is a permission denial to the
+            // user; EPERM from rbdfs itself stays the deliberate "refused by a safety rule".
+            return error.errno == .notPermitted ? .permissionDenied : error.errno
         case .notFound: return .noSuchFileOrDirectory
         case .invalidName(let error):
             switch error {

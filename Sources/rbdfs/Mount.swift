@@ -51,6 +51,9 @@ struct Mount: ParsableCommand {
     @Option(name: .customLong("connect-timeout"), help: "Seconds to wait for the cluster before giving up.")
     var connectTimeout: Double = 30
 
+    @Option(name: .customLong("io-timeout"), help: "Seconds before an OSD operation fails with ETIMEDOUT (default: wait for ever, riding out 'ceph osd pause' and recoveries).")
+    var ioTimeout: Double?
+
     @Option(help: "FUSE worker threads.")
     var threads = 32
 
@@ -76,6 +79,7 @@ struct Mount: ParsableCommand {
         }
         guard isDirectory.boolValue else { throw ValidationError("mount point \(mountpoint) is not a directory") }
         guard threads > 0, connectTimeout > 0 else { throw ValidationError("--threads and --connect-timeout must be positive") }
+        if let ioTimeout, ioTimeout <= 0 { throw ValidationError("--io-timeout must be positive") }
         guard maxCloneDepth >= 0 else { throw ValidationError("--max-clone-depth must be 0 or more") }
         if let objectSize, objectSize.nonzeroBitCount != 1 || objectSize < 4096 || objectSize > 32 << 20 {
             throw ValidationError("--object-size must be a power of two from 4096 to 33554432 bytes")
@@ -121,7 +125,8 @@ struct Mount: ParsableCommand {
 
     private func start(at mountpoint: String, logger: Logger) throws -> FuseSession {
         let store = try CephStore.connect(
-            conf: conf, id: id, keyring: keyring, timeout: connectTimeout, options: [:], logger: logger)
+            conf: conf, id: id, keyring: keyring, timeout: connectTimeout, osdOpTimeout: ioTimeout, options: [:],
+            logger: logger)
         var options = FSOptions()
         options.pool = pool
         options.allPools = allPools

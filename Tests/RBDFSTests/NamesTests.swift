@@ -102,6 +102,11 @@ import Testing
         #expect(FSError.storage(error).description.contains("rbd_remove on images/disk"))
     }
 
+    @Test func theClusterRefusingAClientIsPermissionDenied() {
+        let error = StorageError(.notPermitted, operation: "rbd_list2", target: "vms")
+        #expect(FSError.storage(error).errno == .permissionDenied)
+    }
+
     @Test func refusalsHaveTheDocumentedErrno() {
         #expect(FSError.readOnly("p/i@s", reason: "snapshot").errno == .readOnlyFileSystem)
         #expect(FSError.invalidName(.invalid("a@b@c", reason: "x")).errno == .invalidArgument)
