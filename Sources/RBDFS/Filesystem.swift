@@ -565,17 +565,7 @@ public final class RBDFilesystem: @unchecked Sendable {
         case .snapshot(let s, let name): (spec, snapshot) = (s, name)
         default: throw .isDirectory(key.description)
         }
-        let handle = try FSError.wrap {
-            try store.openImage(spec, snapshot: snapshot, readOnly: snapshot != nil || options.readOnly)
-        }
-        let objectSize: UInt64
-        do {
-            objectSize = try FSError.wrap { try handle.info().objectSize }
-        } catch {
-            handle.close()
-            throw error
-        }
-        let fresh = OpenImage(key: key, spec: spec, handle: handle, objectSize: objectSize)
+        let fresh = try openImage(key: key, spec: spec, snapshot: snapshot, readOnly: snapshot != nil || options.readOnly)
         let (image, loser) = lock.withLock { () -> (OpenImage, OpenImage?) in
             // Another thread may have opened it meanwhile: use theirs, close ours.
             if let existing = openImages[key] {
@@ -588,6 +578,20 @@ public final class RBDFilesystem: @unchecked Sendable {
         }
         loser?.handle.close()
         return image
+    }
+
+    /// Opens a librbd handle for a node (not yet shared: the caller files it).
+    func openImage(key: NodeKey, spec: ImageSpec, snapshot: String?, readOnly: Bool, uploadSnapshot: String? = nil)
+        throws(FSError) -> OpenImage
+    {
+        let handle = try FSError.wrap { try store.openImage(spec, snapshot: snapshot, readOnly: readOnly) }
+        do {
+            let objectSize = try FSError.wrap { try handle.info().objectSize }
+            return OpenImage(key: key, spec: spec, handle: handle, objectSize: objectSize, uploadSnapshot: uploadSnapshot)
+        } catch {
+            handle.close()
+            throw error
+        }
     }
 
     /// Drops one user of an open image; the last one trims growth and closes the handle (which flushes).

@@ -80,16 +80,8 @@ extension RBDFilesystem {
 
     /// Opens the head of a new image for an upload, filed under its `image@snap` node.
     private func openUpload(_ spec: ImageSpec, snapshot: String) throws(FSError) -> OpenImage {
-        let handle = try FSError.wrap { try store.openImage(spec, snapshot: nil, readOnly: false) }
-        let objectSize: UInt64
-        do {
-            objectSize = try FSError.wrap { try handle.info().objectSize }
-        } catch {
-            handle.close()
-            throw error
-        }
         let key = NodeKey.snapshot(spec, name: snapshot)
-        let image = OpenImage(key: key, spec: spec, handle: handle, objectSize: objectSize, uploadSnapshot: snapshot)
+        let image = try openImage(key: key, spec: spec, snapshot: nil, readOnly: false, uploadSnapshot: snapshot)
         image.openCount = 1
         image.trackAllocationFromEmpty()
         let clash = lock.withLock { () -> Bool in
@@ -98,7 +90,7 @@ extension RBDFilesystem {
             return false
         }
         if clash {
-            handle.close()
+            image.handle.close()
             throw .busy(key.description, reason: "another upload to this name is in progress")
         }
         return image
