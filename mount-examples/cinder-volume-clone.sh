@@ -58,7 +58,7 @@ run rbd children "images/$image@snap"
 
 echo "== the volumes, seen through the mount"
 sleep 1.2  # the kernel keeps a file's attributes (the snapshots' link counts) for 1 s
-run ls -l "$mnt/volumes/" | grep -F -e "$source_volume" -e "$cloned_volume" -e "$from_snapshot" -e "$from_image"
+run ls -l "$mnt/volumes/$source_volume" "$mnt/volumes/$cloned_volume" "$mnt/volumes/$from_snapshot" "$mnt/volumes/$from_image"
 run getfattr --absolute-names -n user.rbd.parent "$mnt/volumes/$cloned_volume"
 run cmp -n 4194304 "$work/data" "$mnt/volumes/$cloned_volume"
 run cmp "$work/image.raw" "$mnt/volumes/$from_image"

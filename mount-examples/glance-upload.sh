@@ -38,7 +38,7 @@ run rbd info "images/$uuid@snap"
 rbd info "images/$uuid@snap" | grep -q 'protected: True'
 
 echo "== the same, seen through the mount"
-run ls -l "$mnt/images/" | grep -F "$uuid"
+run ls -l "$mnt/images/$uuid" "$mnt/images/$uuid@snap"
 run getfattr --absolute-names -n user.rbd.location "$mnt/images/$uuid@snap"
 run cmp "$work/cirros.raw" "$mnt/images/$uuid@snap"
 echo "OK: images/$uuid holds the image and snapshot 'snap' is protected"

@@ -38,7 +38,7 @@ run truncate -s 1G "$mnt/vms/${instance}_disk.local"
 run truncate -s 512M "$mnt/vms/${instance}_disk.swap"
 
 echo "== the instance's disks"
-run ls -l "$mnt/vms/" | grep -F "$instance"
+run ls -l "$mnt/vms/${instance}_disk" "$mnt/vms/${instance}_disk.local" "$mnt/vms/${instance}_disk.swap"
 # The Glance snapshot now has a clone: its link count is 2.
 sleep 1.2  # the kernel keeps a file's attributes for 1 s
 run ls -l "$mnt/images/$image@snap"

@@ -32,6 +32,8 @@ public final class FuseSession: @unchecked Sendable {
     let tuning: FuseTuning
     private var session: OpaquePointer?
     private var mountpoint: String?
+    /// `major:minor` of the mount, once mounted.
+    private var connectionDevice: String?
 
     public init(filesystem: RBDFilesystem, tuning: FuseTuning, logger: Logger) {
         self.filesystem = filesystem
@@ -59,27 +61,48 @@ public final class FuseSession: @unchecked Sendable {
         }
         self.session = session
         self.mountpoint = mountpoint
-        if let readAheadKiB = tuning.readAheadKiB { setReadAhead(readAheadKiB, mountpoint: mountpoint) }
+        connectionDevice = Self.device(of: mountpoint)
+        if connectionDevice == nil { logger.warning("\(mountpoint): not in /proc/self/mountinfo") }
+        if let readAheadKiB = tuning.readAheadKiB, let device = connectionDevice { setReadAhead(readAheadKiB, device: device) }
     }
 
-    /// Writes the mount's bdi read_ahead_kb. The device number comes from /proc/self/mountinfo, not stat(2):
-    /// a stat of the mount point would wait for this very daemon, whose loop is not running yet.
-    private func setReadAhead(_ kib: Int, mountpoint: String) {
-        guard let table = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8),
-              let line = table.split(separator: "\n").last(where: {
-                  let fields = $0.split(separator: " ")
-                  return fields.count > 4 && fields[4] == mountpoint
-              })
-        else {
-            return logger.warning("\(mountpoint): not in /proc/self/mountinfo; readahead left as it is")
-        }
-        let device = line.split(separator: " ")[2]
+    /// The mount's device number (`major:minor`; the minor is the FUSE connection's number), from
+    /// /proc/self/mountinfo rather than stat(2): a stat of the mount point would wait for this very daemon,
+    /// whose loop is not running yet.
+    static func device(of mountpoint: String) -> String? {
+        guard let table = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        return table.split(separator: "\n").last(where: {
+            let fields = $0.split(separator: " ")
+            return fields.count > 4 && fields[4] == mountpoint
+        }).map { String($0.split(separator: " ")[2]) }
+    }
+
+    /// Writes the mount's bdi read_ahead_kb.
+    private func setReadAhead(_ kib: Int, device: String) {
         let path = "/sys/class/bdi/\(device)/read_ahead_kb"
         do {
             try "\(kib)\n".write(toFile: path, atomically: false, encoding: .utf8)
             logger.debug("\(path) = \(kib)")
         } catch {
             logger.warning("could not set \(path) to \(kib) (\(error)); streaming reads will be slower")
+        }
+    }
+
+    /// Aborts this mount's FUSE connection through fusectl (mounting fusectl if it is not yet).
+    private func abortConnection() {
+        guard let device = connectionDevice, let minor = device.split(separator: ":").last else { return }
+        let connections = "/sys/fs/fuse/connections"
+        if !FileManager.default.fileExists(atPath: "\(connections)/\(minor)") {
+            _ = Glibc.mount("fusectl", connections, "fusectl", 0, nil)
+        }
+        guard FileManager.default.fileExists(atPath: "\(connections)/\(minor)") else {
+            return logger.debug("FUSE connection \(device) already closed")
+        }
+        do {
+            try "1\n".write(toFile: "\(connections)/\(minor)/abort", atomically: false, encoding: .utf8)
+            logger.info("aborted the FUSE connection \(device): files still open get ENOTCONN")
+        } catch {
+            logger.warning("could not abort the FUSE connection \(device) (\(error)); the daemon ends when the last file closes")
         }
     }
 
@@ -106,10 +129,14 @@ public final class FuseSession: @unchecked Sendable {
             for signal in Self.terminationSignals { sigaddset(&set, signal) }
             var received: Int32 = 0
             guard sigwait(&set, &received) == 0 else { return }
-            logger.info("signal \(received): unmounting \(mountpoint ?? "")")
+            logger.info("signal \(received): flushing every open image, then unmounting \(mountpoint ?? "")")
+            filesystem.flushOpenImages()
             guard let session else { return }
             fuse_session_exit(session)
             fuse_session_unmount(session)
+            // A file still open keeps a detached mount's connection alive, and the workers asleep on
+            // /dev/fuse with it: abort the connection so the daemon ends (the data is flushed already).
+            abortConnection()
         }
         thread.name = "rbdfs-signals"
         thread.start()

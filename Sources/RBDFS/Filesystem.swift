@@ -627,6 +627,12 @@ public final class RBDFilesystem: @unchecked Sendable {
         return try body(image)
     }
 
+    /// Makes everything written through open files durable, keeping them open: the first thing SIGTERM does,
+    /// before the mount goes away under writers that may never close.
+    public func flushOpenImages() {
+        for image in lock.withLock({ Array(openImages.values) }) { flushForUnmount(image) }
+    }
+
     /// Makes everything written durable and closes every image: unmount and SIGTERM.
     public func shutdown() {
         let images = lock.withLock { () -> [OpenImage] in
@@ -636,20 +642,17 @@ public final class RBDFilesystem: @unchecked Sendable {
             return all
         }
         for image in images {
-            do {
-                try image.trimGrowth()
-            } catch {
-                logger.error("\(image.path): trimming the growth step at unmount failed: \(error)")
-            }
-            let done = DispatchSemaphore(value: 0)
-            image.handle.flush { result in
-                if case .failure(let error) = result {
-                    self.logger.error("\(image.path): flush at unmount failed: \(error)")
-                }
-                done.signal()
-            }
-            done.wait()
+            flushForUnmount(image)
             image.handle.close()
+        }
+    }
+
+    private func flushForUnmount(_ image: OpenImage) {
+        do {
+            try image.trimGrowth()
+            try flushNow(image)
+        } catch {
+            logger.error("\(image.path): flush at unmount failed: \(error)")
         }
     }
 }

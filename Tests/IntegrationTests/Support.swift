@@ -53,7 +53,10 @@ func run(_ command: String, timeout: Double = 120) throws -> CommandResult {
     posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
     var environment = ProcessInfo.processInfo.environment
     if let conf = Environment.cephConf { environment["CEPH_CONF"] = conf }
-    let arguments = ["/bin/bash", "-c", "timeout -k 5 \(Int(timeout)) bash -c \(shellQuote(command))"]
+    // The shell first closes every descriptor beyond 2 it inherited: another test's open file must not keep
+    // a mount busy (Glibc does not export posix_spawn_file_actions_addclosefrom_np to Swift).
+    let closeInherited = #"for f in /proc/$$/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-"; done; "#
+    let arguments = ["/bin/bash", "-c", closeInherited + "timeout -k 5 \(Int(timeout)) bash -c \(shellQuote(command))"]
     var argv = arguments.map { strdup($0) } + [nil]
     var envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
     defer {
