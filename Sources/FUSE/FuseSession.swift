@@ -34,6 +34,8 @@ public final class FuseSession: @unchecked Sendable {
     private var mountpoint: String?
     /// `major:minor` of the mount, once mounted.
     private var connectionDevice: String?
+    /// Serializes the signal thread's unmount with the end of `run()` (which destroys the session).
+    private let teardown = NSLock()
 
     public init(filesystem: RBDFilesystem, tuning: FuseTuning, logger: Logger) {
         self.filesystem = filesystem
@@ -129,9 +131,12 @@ public final class FuseSession: @unchecked Sendable {
             for signal in Self.terminationSignals { sigaddset(&set, signal) }
             var received: Int32 = 0
             guard sigwait(&set, &received) == 0 else { return }
+            // Held until done, so the loop's end cannot destroy the session under this thread.
+            teardown.lock()
+            defer { teardown.unlock() }
+            guard let session else { return }
             logger.info("signal \(received): flushing every open image, then unmounting \(mountpoint ?? "")")
             filesystem.flushOpenImages()
-            guard let session else { return }
             fuse_session_exit(session)
             fuse_session_unmount(session)
             // A file still open keeps a detached mount's connection alive, and the workers asleep on
@@ -154,9 +159,11 @@ public final class FuseSession: @unchecked Sendable {
         fuse_loop_cfg_destroy(config)
         logger.info("session loop ended (status \(status)); flushing and unmounting \(mountpoint ?? "")")
         filesystem.shutdown()
+        teardown.lock()
         fuse_session_unmount(session)
         fuse_session_destroy(session)
         self.session = nil
+        teardown.unlock()
         return status < 0 ? 1 : 0
     }
 

@@ -195,7 +195,7 @@ struct DurabilityTests {
     }
 
     /// Written without fsync and still open when SIGTERM comes: the daemon's shutdown must flush the open image
-    /// and end. (Fails today: the daemon waits for the file to be closed; see the report of issue 6.)
+    /// and end (the connection held by the open file is aborted once the data is flushed).
     @Test func writtenStillOpenThenSigtermIsInRBD() throws {
         let image = uniqueName("dur-termopen")
         let work = try ReliabilityScratch(image)
