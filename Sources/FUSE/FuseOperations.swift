@@ -18,6 +18,7 @@ enum FuseOperations {
         }
         ops.lookup = { request, parent, name in
             guard let request, let cName = name else { return }
+            FuseOperations.session(request).begin(request, "lookup")
             let s = FuseOperations.session(request), name = String(cString: cName)
             do throws(FSError) {
                 s.replyEntry(request, try s.filesystem.lookup(parent: parent, name: name))
@@ -40,6 +41,7 @@ enum FuseOperations {
         }
         ops.getattr = { request, inode, _ in
             guard let request else { return }
+            FuseOperations.session(request).begin(request, "getattr")
             let s = FuseOperations.session(request)
             do throws(FSError) {
                 s.replyAttributes(request, try s.filesystem.getattr(inode))
@@ -49,6 +51,7 @@ enum FuseOperations {
         }
         ops.setattr = { request, inode, attributes, toSet, _ in
             guard let request, let attributes else { return }
+            FuseOperations.session(request).begin(request, "setattr")
             let s = FuseOperations.session(request)
             var changes = AttributeChanges()
             if toSet & FUSE_SET_ATTR_SIZE != 0 { changes.size = UInt64(max(0, attributes.pointee.st_size)) }
@@ -65,75 +68,90 @@ enum FuseOperations {
         }
         ops.opendir = { request, inode, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "opendir")
             let s = FuseOperations.session(request)
             do throws(FSError) {
                 info.pointee.fh = try s.filesystem.openDirectory(inode)
-                fuse_reply_open(request, info)
+                s.end(request, 0); fuse_reply_open(request, info)
             } catch {
                 s.replyError(request, error, operation: "opendir")
             }
         }
         ops.readdir = { request, inode, size, offset, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "readdir")
             FuseOperations.session(request).readDirectory(request, inode: inode, size: size, offset: offset, handle: info.pointee.fh, plus: false)
         }
         ops.readdirplus = { request, inode, size, offset, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "readdirplus")
             FuseOperations.session(request).readDirectory(request, inode: inode, size: size, offset: offset, handle: info.pointee.fh, plus: true)
         }
         ops.releasedir = { request, _, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).filesystem.releaseDirectory(info.pointee.fh)
+            FuseOperations.session(request).begin(request, "releasedir")
+            let s = FuseOperations.session(request)
+            s.filesystem.releaseDirectory(info.pointee.fh)
+            s.end(request, 0)
             fuse_reply_err(request, 0)
         }
         ops.open = { request, inode, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "open")
             let s = FuseOperations.session(request)
             do throws(FSError) {
                 info.pointee.fh = try s.filesystem.open(inode, flags: info.pointee.flags)
-                fuse_reply_open(request, info)
+                s.end(request, 0); fuse_reply_open(request, info)
             } catch {
                 s.replyError(request, error, operation: "open")
             }
         }
         ops.read = { request, _, size, offset, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "read")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
             s.filesystem.read(info.pointee.fh, offset: UInt64(max(0, offset)), size: size) { result in
                 switch result {
-                case .success(let data): fuse_reply_buf(pending.request, data.baseAddress, data.count)
+                case .success(let data): s.end(pending.request, 0); fuse_reply_buf(pending.request, data.baseAddress, data.count)
                 case .failure(let error): s.replyError(pending.request, error, operation: "read at \(offset)")
                 }
             }
         }
         ops.write = { request, _, buffer, size, offset, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "write")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
             let data = UnsafeRawBufferPointer(start: buffer, count: size)
             s.filesystem.write(info.pointee.fh, offset: UInt64(max(0, offset)), data: data) { result in
                 switch result {
-                case .success(let count): fuse_reply_write(pending.request, count)
+                case .success(let count): s.end(pending.request, 0); fuse_reply_write(pending.request, count)
                 case .failure(let error): s.replyError(pending.request, error, operation: "write at \(offset)")
                 }
             }
         }
         ops.flush = { request, _, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "flush")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
             s.filesystem.flush(info.pointee.fh) { result in s.replyStatus(pending.request, result, operation: "flush") }
         }
         ops.fsync = { request, _, _, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "fsync")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
             s.filesystem.fsync(info.pointee.fh) { result in s.replyStatus(pending.request, result, operation: "fsync") }
         }
         ops.release = { request, _, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).filesystem.release(info.pointee.fh)
+            FuseOperations.session(request).begin(request, "release")
+            let s = FuseOperations.session(request)
+            s.filesystem.release(info.pointee.fh)
+            s.end(request, 0)
             fuse_reply_err(request, 0)
         }
         ops.statfs = { request, inode in
             guard let request else { return }
+            FuseOperations.session(request).begin(request, "statfs")
             let s = FuseOperations.session(request)
             do throws(FSError) {
                 let stats = try s.filesystem.statfs(inode)
@@ -145,6 +163,7 @@ enum FuseOperations {
                 st.f_bavail = fsblkcnt_t(stats.availableBlocks)
                 st.f_files = fsfilcnt_t(stats.files)
                 st.f_namemax = UInt(stats.nameMax)
+                s.end(request, 0)
                 fuse_reply_statfs(request, &st)
             } catch {
                 s.replyError(request, error, operation: "statfs")
@@ -152,11 +171,13 @@ enum FuseOperations {
         }
         ops.create = { request, parent, name, _, info in
             guard let request, let cName = name, let info else { return }
+            FuseOperations.session(request).begin(request, "create")
             let s = FuseOperations.session(request), name = String(cString: cName)
             do throws(FSError) {
                 let (entry, handle) = try s.filesystem.create(parent: parent, name: name, flags: info.pointee.flags)
                 info.pointee.fh = handle
                 var parameters = s.entryParameters(entry)
+                s.end(request, 0)
                 if fuse_reply_create(request, &parameters, info) != 0 {
                     s.filesystem.forget(entry.inode, count: 1)
                     s.filesystem.release(handle)
@@ -167,6 +188,7 @@ enum FuseOperations {
         }
         ops.mknod = { request, parent, name, mode, _ in
             guard let request, let cName = name else { return }
+            FuseOperations.session(request).begin(request, "mknod")
             let s = FuseOperations.session(request), name = String(cString: cName)
             guard mode & Glibc.S_IFMT == Glibc.S_IFREG else {
                 return s.replyError(request, .notPermitted(name, reason: "only regular files (images) can be made"), operation: "mknod \(name)")
@@ -179,9 +201,11 @@ enum FuseOperations {
         }
         ops.unlink = { request, parent, name in
             guard let request, let cName = name else { return }
+            FuseOperations.session(request).begin(request, "unlink")
             let s = FuseOperations.session(request), name = String(cString: cName)
             do throws(FSError) {
                 try s.filesystem.unlink(parent: parent, name: name)
+                s.end(request, 0)
                 fuse_reply_err(request, 0)
             } catch {
                 s.replyError(request, error, operation: "unlink \(name)")
@@ -189,6 +213,7 @@ enum FuseOperations {
         }
         ops.rename = { request, parent, name, newParent, newName, flags in
             guard let request, let cName = name, let cNewName = newName else { return }
+            FuseOperations.session(request).begin(request, "rename")
             let s = FuseOperations.session(request), name = String(cString: cName), newName = String(cString: cNewName)
             do throws(FSError) {
                 // RENAME_EXCHANGE has no RBD equivalent; plain renames never replace anyway.
@@ -196,6 +221,7 @@ enum FuseOperations {
                     throw FSError.notSupported(name, reason: "exchanging names is not supported")
                 }
                 try s.filesystem.rename(parent: parent, name: name, newParent: newParent, newName: newName)
+                s.end(request, 0)
                 fuse_reply_err(request, 0)
             } catch {
                 s.replyError(request, error, operation: "rename \(name) to \(newName)")
@@ -203,6 +229,7 @@ enum FuseOperations {
         }
         ops.link = { request, inode, newParent, newName in
             guard let request, let cNewName = newName else { return }
+            FuseOperations.session(request).begin(request, "link")
             let s = FuseOperations.session(request), newName = String(cString: cNewName)
             do throws(FSError) {
                 s.replyEntry(request, try s.filesystem.link(inode, newParent: newParent, newName: newName))
@@ -212,11 +239,13 @@ enum FuseOperations {
         }
         ops.symlink = { request, _, _, name in
             guard let request, let cName = name else { return }
+            FuseOperations.session(request).begin(request, "symlink")
             let s = FuseOperations.session(request), name = String(cString: cName)
             s.replyError(request, .notPermitted(name, reason: "RBD has no symbolic links; ln (hard) snapshots and clones"), operation: "symlink \(name)")
         }
         ops.mkdir = { request, parent, name, _ in
             guard let request, let cName = name else { return }
+            FuseOperations.session(request).begin(request, "mkdir")
             let s = FuseOperations.session(request), name = String(cString: cName)
             do throws(FSError) {
                 s.replyEntry(request, try s.filesystem.makeDirectory(parent: parent, name: name))
@@ -226,9 +255,11 @@ enum FuseOperations {
         }
         ops.rmdir = { request, parent, name in
             guard let request, let cName = name else { return }
+            FuseOperations.session(request).begin(request, "rmdir")
             let s = FuseOperations.session(request), name = String(cString: cName)
             do throws(FSError) {
                 try s.filesystem.removeDirectory(parent: parent, name: name)
+                s.end(request, 0)
                 fuse_reply_err(request, 0)
             } catch {
                 s.replyError(request, error, operation: "rmdir \(name)")
@@ -236,6 +267,7 @@ enum FuseOperations {
         }
         ops.getxattr = { request, inode, name, size in
             guard let request, let cName = name else { return }
+            FuseOperations.session(request).begin(request, "getxattr")
             let s = FuseOperations.session(request), name = String(cString: cName)
             do throws(FSError) {
                 s.replyExtendedAttribute(request, try s.filesystem.extendedAttribute(inode, name: name), size: size)
@@ -245,6 +277,7 @@ enum FuseOperations {
         }
         ops.listxattr = { request, inode, size in
             guard let request else { return }
+            FuseOperations.session(request).begin(request, "listxattr")
             let s = FuseOperations.session(request)
             do throws(FSError) {
                 let names = try s.filesystem.listExtendedAttributes(inode)
@@ -255,10 +288,12 @@ enum FuseOperations {
         }
         ops.setxattr = { request, inode, name, value, size, _ in
             guard let request, let cName = name else { return }
+            FuseOperations.session(request).begin(request, "setxattr")
             let s = FuseOperations.session(request), name = String(cString: cName)
             let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
             do throws(FSError) {
                 try s.filesystem.setExtendedAttribute(inode, name: name, value: bytes)
+                s.end(request, 0)
                 fuse_reply_err(request, 0)
             } catch {
                 s.replyError(request, error, operation: "setxattr \(name)")
@@ -266,9 +301,11 @@ enum FuseOperations {
         }
         ops.removexattr = { request, inode, name in
             guard let request, let cName = name else { return }
+            FuseOperations.session(request).begin(request, "removexattr")
             let s = FuseOperations.session(request), name = String(cString: cName)
             do throws(FSError) {
                 try s.filesystem.removeExtendedAttribute(inode, name: name)
+                s.end(request, 0)
                 fuse_reply_err(request, 0)
             } catch {
                 s.replyError(request, error, operation: "removexattr \(name)")
@@ -276,6 +313,7 @@ enum FuseOperations {
         }
         ops.fallocate = { request, _, mode, offset, length, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "fallocate")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
             s.filesystem.fallocate(info.pointee.fh, mode: mode, offset: UInt64(max(0, offset)), length: UInt64(max(0, length))) { result in
                 s.replyStatus(pending.request, result, operation: "fallocate mode \(mode) at \(offset)+\(length)")
@@ -283,9 +321,11 @@ enum FuseOperations {
         }
         ops.lseek = { request, _, offset, whence, info in
             guard let request, let info else { return }
+            FuseOperations.session(request).begin(request, "lseek")
             let s = FuseOperations.session(request)
             do throws(FSError) {
                 let position = try s.filesystem.seek(info.pointee.fh, offset: UInt64(max(0, offset)), whence: whence)
+                s.end(request, 0)
                 fuse_reply_lseek(request, off_t(position))
             } catch {
                 s.replyError(request, error, operation: "lseek whence \(whence) at \(offset)")
@@ -322,6 +362,7 @@ extension FuseSession {
 
     /// getxattr / listxattr: a zero size asks for the length; a buffer too small is ERANGE.
     func replyExtendedAttribute(_ request: fuse_req_t, _ value: [UInt8], size: Int) {
+        end(request, value.count > size && size != 0 ? ERANGE : 0)
         if size == 0 {
             fuse_reply_xattr(request, value.count)
         } else if value.count > size {
@@ -333,7 +374,9 @@ extension FuseSession {
 
     func replyStatus(_ request: fuse_req_t, _ result: Result<Void, FSError>, operation: String) {
         switch result {
-        case .success: fuse_reply_err(request, 0)
+        case .success:
+            end(request, 0)
+            fuse_reply_err(request, 0)
         case .failure(let error): replyError(request, error, operation: operation)
         }
     }
@@ -385,6 +428,7 @@ extension FuseSession {
             used += needed
             position += 1
         }
+        end(request, 0)
         fuse_reply_buf(request, buffer, used)
     }
 }

@@ -34,6 +34,8 @@ public final class FuseSession: @unchecked Sendable {
     private var mountpoint: String?
     /// `major:minor` of the mount, once mounted.
     private var connectionDevice: String?
+    private let traceLock = NSLock()
+    private var traces: [Int: (String, ContinuousClock.Instant)] = [:]
     /// Serializes the signal thread's unmount with the end of `run()` (which destroys the session).
     private let teardown = NSLock()
 
@@ -167,14 +169,37 @@ public final class FuseSession: @unchecked Sendable {
         return status < 0 ? 1 : 0
     }
 
+    // MARK: - Tracing (--log-level debug): every request with its outcome and latency
+
+    private var isTracing: Bool { logger.logLevel <= .debug }
+
+    /// Notes when a request arrived (only when tracing).
+    func begin(_ request: fuse_req_t, _ operation: String) {
+        guard isTracing else { return }
+        let key = Int(bitPattern: UnsafeRawPointer(request))
+        traceLock.withLock { traces[key] = (operation, .now) }
+    }
+
+    /// Logs a request's outcome and latency; call just before replying (the request is freed by the reply).
+    func end(_ request: fuse_req_t, _ errno: Int32) {
+        guard isTracing else { return }
+        let key = Int(bitPattern: UnsafeRawPointer(request))
+        guard let (operation, started) = traceLock.withLock({ traces.removeValue(forKey: key) }) else { return }
+        let micros = (ContinuousClock.now - started).components
+        let elapsed = micros.seconds * 1_000_000 + micros.attoseconds / 1_000_000_000_000
+        logger.debug("fuse \(operation): \(errno == 0 ? "ok" : "errno \(errno)") in \(elapsed) µs")
+    }
+
     // MARK: - Replies (the only place that answers the kernel)
 
     func replyError(_ request: fuse_req_t, _ error: FSError, operation: String) {
         logger.log(level: error.logLevel, "\(operation): \(error) [errno \(error.errno.rawValue)]")
+        end(request, error.errno.rawValue)
         fuse_reply_err(request, error.errno.rawValue)
     }
 
     func replyEntry(_ request: fuse_req_t, _ entry: Entry) {
+        end(request, 0)
         var parameters = entryParameters(entry)
         if fuse_reply_entry(request, &parameters) != 0 {
             // The kernel never saw the entry (the request was interrupted): undo its lookup.
@@ -193,6 +218,7 @@ public final class FuseSession: @unchecked Sendable {
     }
 
     func replyAttributes(_ request: fuse_req_t, _ attributes: FileAttributes) {
+        end(request, 0)
         var st = Self.stat(attributes)
         fuse_reply_attr(request, &st, tuning.attributeTimeout)
     }

@@ -94,6 +94,22 @@ struct OperatorTests {
         try sh("cmp \(mount.q("vms/\(base)-clone")) \(mount.q("images/\(base)@s"))")
     }
 
+    @Test func debugLogsTraceEveryRequestAndRefusalsNameThePathTheCallAndTheErrno() throws {
+        let image = uniqueName("trace")
+        try sh("rbd create images/\(image) --size 4M && rbd snap create images/\(image)@s")
+        defer { _ = try? run("rbd snap purge images/\(image); rbd rm images/\(image)") }
+        let mount = try MountedRBDFS()  // --log-level debug
+        try sh("dd if=\(mount.q("images/\(image)")) of=/dev/null bs=1M count=1 status=none")
+        _ = try run("truncate -s 0 \(mount.q("images/\(image)@s"))")
+        let log = try String(contentsOfFile: mount.logFile, encoding: .utf8)
+        #expect(log.contains("fuse read: ok in "), "no traced read in the log")
+        #expect(log.contains("fuse lookup: ok in "), "no traced lookup in the log")
+        // One line for the refusal, naming the path, what was refused and the errno.
+        #expect(log.split(separator: "\n").contains {
+            $0.contains("images/\(image)@s") && $0.contains("read-only") && $0.contains("[errno 30]")
+        }, "no refusal line in the log")
+    }
+
     @Test func helpTextsNameEveryOption() throws {
         let help = try sh("\(shellQuote(Environment.binary!)) mount --help")
         for option in ["--conf", "--id", "--keyring", "--pool", "--all-pools", "--read-only", "--allow-shrink",
