@@ -110,6 +110,38 @@ struct OperatorTests {
         }, "no refusal line in the log")
     }
 
+    static let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("mount-examples").path
+
+    /// The options of the shipped fstab line and systemd unit mount the test cluster (conf pointed at it).
+    @Test(arguments: ["fstab", "mnt-rbd.mount"])
+    func shippedMountExamplesMount(_ example: String) throws {
+        let text = try String(contentsOfFile: "\(Self.examples)/\(example)", encoding: .utf8)
+        let line = try #require(text.split(separator: "\n").first { $0.hasPrefix("none") || $0.hasPrefix("Options=") })
+        let options = line.hasPrefix("Options=")
+            ? String(line.dropFirst("Options=".count))
+            : String(line.split(separator: " ", omittingEmptySubsequences: true)[3])
+        let adapted = options.split(separator: ",").map { option -> String in
+            if option.hasPrefix("conf=") { return "conf=\(Environment.cephConf!)" }
+            if option.hasPrefix("log_file=") { return "log_file=\(NSTemporaryDirectory())\(example).log" }
+            return String(option)
+        }.joined(separator: ",")
+        let dir = NSTemporaryDirectory() + uniqueName("example-mnt")
+        try sh("mkdir -p \(dir)")
+        defer { _ = try? run("umount \(dir); rmdir \(dir)") }
+        try sh("\(shellQuote(Environment.binary!)) none \(dir) -o \(adapted)")
+        try sh("ls \(dir) >/dev/null")
+        try sh("umount \(dir)")
+    }
+
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze"),
+                   "systemd-analyze is not installed: the unit file is not verified"))
+    func theSystemdUnitVerifies() throws {
+        let work = NSTemporaryDirectory() + uniqueName("unit")
+        try sh("mkdir -p \(work) && cp \(Self.examples)/mnt-rbd.mount \(work)/ && systemd-analyze verify \(work)/mnt-rbd.mount")
+        _ = try? run("rm -rf \(work)")
+    }
+
     @Test func helpTextsNameEveryOption() throws {
         let help = try sh("\(shellQuote(Environment.binary!)) mount --help")
         for option in ["--conf", "--id", "--keyring", "--pool", "--all-pools", "--read-only", "--allow-shrink",
