@@ -28,7 +28,8 @@ public protocol BlockStore: AnyObject, Sendable {
     func openImage(_ spec: ImageSpec, snapshot: String?, readOnly: Bool) throws -> any ImageHandle
     /// Creates a format-2 image.
     func createImage(_ spec: ImageSpec, size: UInt64, options: ImageCreateOptions) throws
-    /// Removes an image. ENOTEMPTY while it has snapshots, EBUSY while it has watchers or children.
+    /// Removes an image. ENOTEMPTY while it has snapshots (clones hang off snapshots, so that covers them), EBUSY
+    /// while another client has it open (a watcher).
     func removeImage(_ spec: ImageSpec) throws
     /// Renames an image within its pool and namespace.
     func renameImage(_ spec: ImageSpec, to newName: String) throws
