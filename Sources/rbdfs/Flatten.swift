@@ -14,14 +14,7 @@ struct Flatten: ParsableCommand {
     @Argument(help: "A clone (image file) in an rbdfs mount.")
     var path: String
 
-    @Option(help: "ceph.conf to read (default: librados' search).")
-    var conf: String?
-
-    @Option(help: "cephx user name without the 'client.' prefix (default: admin).")
-    var id: String?
-
-    @Option(help: "cephx keyring file.")
-    var keyring: String?
+    @OptionGroup var cluster: ClusterOptions
 
     func run() throws {
         guard let name = MountedFileAttributes.value("user.rbd.name", of: path) else {
@@ -36,7 +29,7 @@ struct Flatten: ParsableCommand {
         let spec = parts.count == 3
             ? ImageSpec(pool: parts[0], namespace: parts[1], name: parts[2])
             : ImageSpec(pool: parts[0], name: parts[1])
-        let store = try CephStore.connect(conf: conf, id: id, keyring: keyring, logger: Logger(label: "rbdfs"))
+        let store = try CephStore.connect(conf: cluster.conf, id: cluster.id, keyring: cluster.keyring, logger: Logger(label: "rbdfs"))
         defer { store.shutdown() }
         let image = try store.openImage(spec, snapshot: nil, readOnly: false)
         defer { image.close() }

@@ -18,14 +18,7 @@ struct Mount: ParsableCommand {
     @Argument(help: "An existing, empty directory to mount on.")
     var mountpoint: String
 
-    @Option(help: "ceph.conf to read (default: librados' search: $CEPH_CONF, /etc/ceph/ceph.conf, ...).")
-    var conf: String?
-
-    @Option(help: "cephx user name without the 'client.' prefix (default: admin).")
-    var id: String?
-
-    @Option(help: "cephx keyring file (default: what ceph.conf names).")
-    var keyring: String?
+    @OptionGroup var cluster: ClusterOptions
 
     @Option(help: "Mount one pool as the root instead of all RBD pools.")
     var pool: String?
@@ -125,7 +118,7 @@ struct Mount: ParsableCommand {
 
     private func start(at mountpoint: String, logger: Logger) throws -> FuseSession {
         let store = try CephStore.connect(
-            conf: conf, id: id, keyring: keyring, timeout: connectTimeout, osdOpTimeout: ioTimeout, options: [:],
+            conf: cluster.conf, id: cluster.id, keyring: cluster.keyring, timeout: connectTimeout, osdOpTimeout: ioTimeout, options: [:],
             logger: logger)
         var options = FSOptions()
         options.pool = pool
@@ -159,4 +152,16 @@ struct Mount: ParsableCommand {
 struct MountError: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }
+}
+
+/// How to reach the cluster; librados reads ceph.conf and the keyring itself.
+struct ClusterOptions: ParsableArguments {
+    @Option(help: "ceph.conf to read (default: librados' search: $CEPH_CONF, /etc/ceph/ceph.conf, ...).")
+    var conf: String?
+
+    @Option(help: "cephx user name without the 'client.' prefix (default: admin).")
+    var id: String?
+
+    @Option(help: "cephx keyring file (default: what ceph.conf names).")
+    var keyring: String?
 }
