@@ -18,8 +18,8 @@ enum FuseOperations {
         }
         ops.lookup = { request, parent, name in
             guard let request, let cName = name else { return }
-            FuseOperations.session(request).begin(request, "lookup")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "lookup")
             do throws(FSError) {
                 s.replyEntry(request, try s.filesystem.lookup(parent: parent, name: name))
             } catch {
@@ -41,8 +41,8 @@ enum FuseOperations {
         }
         ops.getattr = { request, inode, _ in
             guard let request else { return }
-            FuseOperations.session(request).begin(request, "getattr")
             let s = FuseOperations.session(request)
+            s.begin(request, "getattr")
             do throws(FSError) {
                 s.replyAttributes(request, try s.filesystem.getattr(inode))
             } catch {
@@ -51,8 +51,8 @@ enum FuseOperations {
         }
         ops.setattr = { request, inode, attributes, toSet, _ in
             guard let request, let attributes else { return }
-            FuseOperations.session(request).begin(request, "setattr")
             let s = FuseOperations.session(request)
+            s.begin(request, "setattr")
             var changes = AttributeChanges()
             if toSet & FUSE_SET_ATTR_SIZE != 0 { changes.size = UInt64(max(0, attributes.pointee.st_size)) }
             if toSet & FUSE_SET_ATTR_MODE != 0 { changes.mode = attributes.pointee.st_mode }
@@ -68,8 +68,8 @@ enum FuseOperations {
         }
         ops.opendir = { request, inode, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "opendir")
             let s = FuseOperations.session(request)
+            s.begin(request, "opendir")
             do throws(FSError) {
                 info.pointee.fh = try s.filesystem.openDirectory(inode)
                 s.end(request, 0); fuse_reply_open(request, info)
@@ -79,26 +79,27 @@ enum FuseOperations {
         }
         ops.readdir = { request, inode, size, offset, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "readdir")
-            FuseOperations.session(request).readDirectory(request, inode: inode, size: size, offset: offset, handle: info.pointee.fh, plus: false)
+            let s = FuseOperations.session(request)
+            s.begin(request, "readdir")
+            s.readDirectory(request, inode: inode, size: size, offset: offset, handle: info.pointee.fh, plus: false)
         }
         ops.readdirplus = { request, inode, size, offset, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "readdirplus")
-            FuseOperations.session(request).readDirectory(request, inode: inode, size: size, offset: offset, handle: info.pointee.fh, plus: true)
+            let s = FuseOperations.session(request)
+            s.begin(request, "readdirplus")
+            s.readDirectory(request, inode: inode, size: size, offset: offset, handle: info.pointee.fh, plus: true)
         }
         ops.releasedir = { request, _, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "releasedir")
             let s = FuseOperations.session(request)
+            s.begin(request, "releasedir")
             s.filesystem.releaseDirectory(info.pointee.fh)
-            s.end(request, 0)
-            fuse_reply_err(request, 0)
+            s.replyOK(request)
         }
         ops.open = { request, inode, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "open")
             let s = FuseOperations.session(request)
+            s.begin(request, "open")
             do throws(FSError) {
                 info.pointee.fh = try s.filesystem.open(inode, flags: info.pointee.flags)
                 s.end(request, 0); fuse_reply_open(request, info)
@@ -108,8 +109,8 @@ enum FuseOperations {
         }
         ops.read = { request, _, size, offset, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "read")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
+            s.begin(request, "read")
             s.filesystem.read(info.pointee.fh, offset: UInt64(max(0, offset)), size: size) { result in
                 switch result {
                 case .success(let data): s.end(pending.request, 0); fuse_reply_buf(pending.request, data.baseAddress, data.count)
@@ -119,8 +120,8 @@ enum FuseOperations {
         }
         ops.write = { request, _, buffer, size, offset, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "write")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
+            s.begin(request, "write")
             let data = UnsafeRawBufferPointer(start: buffer, count: size)
             s.filesystem.write(info.pointee.fh, offset: UInt64(max(0, offset)), data: data) { result in
                 switch result {
@@ -131,28 +132,27 @@ enum FuseOperations {
         }
         ops.flush = { request, _, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "flush")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
+            s.begin(request, "flush")
             s.filesystem.flush(info.pointee.fh) { result in s.replyStatus(pending.request, result, operation: "flush") }
         }
         ops.fsync = { request, _, _, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "fsync")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
+            s.begin(request, "fsync")
             s.filesystem.fsync(info.pointee.fh) { result in s.replyStatus(pending.request, result, operation: "fsync") }
         }
         ops.release = { request, _, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "release")
             let s = FuseOperations.session(request)
+            s.begin(request, "release")
             s.filesystem.release(info.pointee.fh)
-            s.end(request, 0)
-            fuse_reply_err(request, 0)
+            s.replyOK(request)
         }
         ops.statfs = { request, inode in
             guard let request else { return }
-            FuseOperations.session(request).begin(request, "statfs")
             let s = FuseOperations.session(request)
+            s.begin(request, "statfs")
             do throws(FSError) {
                 let stats = try s.filesystem.statfs(inode)
                 var st = statvfs()
@@ -171,8 +171,8 @@ enum FuseOperations {
         }
         ops.create = { request, parent, name, _, info in
             guard let request, let cName = name, let info else { return }
-            FuseOperations.session(request).begin(request, "create")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "create")
             do throws(FSError) {
                 let (entry, handle) = try s.filesystem.create(parent: parent, name: name, flags: info.pointee.flags)
                 info.pointee.fh = handle
@@ -188,8 +188,8 @@ enum FuseOperations {
         }
         ops.mknod = { request, parent, name, mode, _ in
             guard let request, let cName = name else { return }
-            FuseOperations.session(request).begin(request, "mknod")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "mknod")
             guard mode & Glibc.S_IFMT == Glibc.S_IFREG else {
                 return s.replyError(request, .notPermitted(name, reason: "only regular files (images) can be made"), operation: "mknod \(name)")
             }
@@ -201,36 +201,34 @@ enum FuseOperations {
         }
         ops.unlink = { request, parent, name in
             guard let request, let cName = name else { return }
-            FuseOperations.session(request).begin(request, "unlink")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "unlink")
             do throws(FSError) {
                 try s.filesystem.unlink(parent: parent, name: name)
-                s.end(request, 0)
-                fuse_reply_err(request, 0)
+                s.replyOK(request)
             } catch {
                 s.replyError(request, error, operation: "unlink \(name)")
             }
         }
         ops.rename = { request, parent, name, newParent, newName, flags in
             guard let request, let cName = name, let cNewName = newName else { return }
-            FuseOperations.session(request).begin(request, "rename")
             let s = FuseOperations.session(request), name = String(cString: cName), newName = String(cString: cNewName)
+            s.begin(request, "rename")
             do throws(FSError) {
                 // RENAME_EXCHANGE has no RBD equivalent; plain renames never replace anyway.
                 if flags & 2 != 0 {  // RENAME_EXCHANGE (linux/fs.h)
                     throw FSError.notSupported(name, reason: "exchanging names is not supported")
                 }
                 try s.filesystem.rename(parent: parent, name: name, newParent: newParent, newName: newName)
-                s.end(request, 0)
-                fuse_reply_err(request, 0)
+                s.replyOK(request)
             } catch {
                 s.replyError(request, error, operation: "rename \(name) to \(newName)")
             }
         }
         ops.link = { request, inode, newParent, newName in
             guard let request, let cNewName = newName else { return }
-            FuseOperations.session(request).begin(request, "link")
             let s = FuseOperations.session(request), newName = String(cString: cNewName)
+            s.begin(request, "link")
             do throws(FSError) {
                 s.replyEntry(request, try s.filesystem.link(inode, newParent: newParent, newName: newName))
             } catch {
@@ -239,14 +237,14 @@ enum FuseOperations {
         }
         ops.symlink = { request, _, _, name in
             guard let request, let cName = name else { return }
-            FuseOperations.session(request).begin(request, "symlink")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "symlink")
             s.replyError(request, .notPermitted(name, reason: "RBD has no symbolic links; ln (hard) snapshots and clones"), operation: "symlink \(name)")
         }
         ops.mkdir = { request, parent, name, _ in
             guard let request, let cName = name else { return }
-            FuseOperations.session(request).begin(request, "mkdir")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "mkdir")
             do throws(FSError) {
                 s.replyEntry(request, try s.filesystem.makeDirectory(parent: parent, name: name))
             } catch {
@@ -255,20 +253,19 @@ enum FuseOperations {
         }
         ops.rmdir = { request, parent, name in
             guard let request, let cName = name else { return }
-            FuseOperations.session(request).begin(request, "rmdir")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "rmdir")
             do throws(FSError) {
                 try s.filesystem.removeDirectory(parent: parent, name: name)
-                s.end(request, 0)
-                fuse_reply_err(request, 0)
+                s.replyOK(request)
             } catch {
                 s.replyError(request, error, operation: "rmdir \(name)")
             }
         }
         ops.getxattr = { request, inode, name, size in
             guard let request, let cName = name else { return }
-            FuseOperations.session(request).begin(request, "getxattr")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "getxattr")
             do throws(FSError) {
                 s.replyExtendedAttribute(request, try s.filesystem.extendedAttribute(inode, name: name), size: size)
             } catch {
@@ -277,8 +274,8 @@ enum FuseOperations {
         }
         ops.listxattr = { request, inode, size in
             guard let request else { return }
-            FuseOperations.session(request).begin(request, "listxattr")
             let s = FuseOperations.session(request)
+            s.begin(request, "listxattr")
             do throws(FSError) {
                 let names = try s.filesystem.listExtendedAttributes(inode)
                 s.replyExtendedAttribute(request, names.flatMap { Array($0.utf8) + [0] }, size: size)
@@ -288,41 +285,39 @@ enum FuseOperations {
         }
         ops.setxattr = { request, inode, name, value, size, _ in
             guard let request, let cName = name else { return }
-            FuseOperations.session(request).begin(request, "setxattr")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "setxattr")
             let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
             do throws(FSError) {
                 try s.filesystem.setExtendedAttribute(inode, name: name, value: bytes)
-                s.end(request, 0)
-                fuse_reply_err(request, 0)
+                s.replyOK(request)
             } catch {
                 s.replyError(request, error, operation: "setxattr \(name)")
             }
         }
         ops.removexattr = { request, inode, name in
             guard let request, let cName = name else { return }
-            FuseOperations.session(request).begin(request, "removexattr")
             let s = FuseOperations.session(request), name = String(cString: cName)
+            s.begin(request, "removexattr")
             do throws(FSError) {
                 try s.filesystem.removeExtendedAttribute(inode, name: name)
-                s.end(request, 0)
-                fuse_reply_err(request, 0)
+                s.replyOK(request)
             } catch {
                 s.replyError(request, error, operation: "removexattr \(name)")
             }
         }
         ops.fallocate = { request, _, mode, offset, length, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "fallocate")
             let s = FuseOperations.session(request), pending = PendingRequest(request)
+            s.begin(request, "fallocate")
             s.filesystem.fallocate(info.pointee.fh, mode: mode, offset: UInt64(max(0, offset)), length: UInt64(max(0, length))) { result in
                 s.replyStatus(pending.request, result, operation: "fallocate mode \(mode) at \(offset)+\(length)")
             }
         }
         ops.lseek = { request, _, offset, whence, info in
             guard let request, let info else { return }
-            FuseOperations.session(request).begin(request, "lseek")
             let s = FuseOperations.session(request)
+            s.begin(request, "lseek")
             do throws(FSError) {
                 let position = try s.filesystem.seek(info.pointee.fh, offset: UInt64(max(0, offset)), whence: whence)
                 s.end(request, 0)
@@ -372,11 +367,15 @@ extension FuseSession {
         }
     }
 
+    /// A successful reply that carries no data.
+    func replyOK(_ request: fuse_req_t) {
+        end(request, 0)
+        fuse_reply_err(request, 0)
+    }
+
     func replyStatus(_ request: fuse_req_t, _ result: Result<Void, FSError>, operation: String) {
         switch result {
-        case .success:
-            end(request, 0)
-            fuse_reply_err(request, 0)
+        case .success: replyOK(request)
         case .failure(let error): replyError(request, error, operation: operation)
         }
     }
