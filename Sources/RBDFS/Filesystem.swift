@@ -431,7 +431,7 @@ public final class RBDFilesystem: @unchecked Sendable {
             if case .failure(let error) = result { image.recordWriteFailure(error) }
             reply(result)
         }
-        if case .image(let spec) = file.image.key { cache.forget(spec) }
+        cache.forget(file.image.spec)
     }
 
     /// close(2) of a file: writers' data is made durable and any growth step trimmed; errors reach close.
@@ -617,7 +617,7 @@ public final class RBDFilesystem: @unchecked Sendable {
             logger.error("\(image.path): trimming the growth step on close failed: \(error)")
         }
         image.handle.close()
-        if case .image(let spec) = image.key { cache.forget(spec) }
+        cache.forget(image.spec)
     }
 
     /// Runs `body` with the node's open image, opening a temporary one if no file has it open.
