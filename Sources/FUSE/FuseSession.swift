@@ -38,6 +38,8 @@ public final class FuseSession: @unchecked Sendable {
     private var traces: [Int: (String, ContinuousClock.Instant)] = [:]
     /// Serializes the signal thread's unmount with the end of `run()` (which destroys the session).
     private let teardown = NSLock()
+    /// Sends kernel invalidations from a thread of its own; stopped before the session is torn down.
+    var notifier: InvalidationNotifier?
 
     public init(filesystem: RBDFilesystem, tuning: FuseTuning, logger: Logger) {
         self.filesystem = filesystem
@@ -65,6 +67,7 @@ public final class FuseSession: @unchecked Sendable {
         }
         self.session = session
         self.mountpoint = mountpoint
+        startNotifier(session)
         connectionDevice = Self.device(of: mountpoint)
         if connectionDevice == nil { logger.warning("\(mountpoint): not in /proc/self/mountinfo") }
         if let readAheadKiB = tuning.readAheadKiB, let device = connectionDevice { setReadAhead(readAheadKiB, device: device) }
@@ -139,6 +142,7 @@ public final class FuseSession: @unchecked Sendable {
             guard let session else { return }
             logger.info("signal \(received): flushing every open image, then unmounting \(mountpoint ?? "")")
             filesystem.flushOpenImages()
+            _ = stopNotifier()
             fuse_session_exit(session)
             fuse_session_unmount(session)
             // A file still open keeps a detached mount's connection alive, and the workers asleep on
@@ -160,10 +164,11 @@ public final class FuseSession: @unchecked Sendable {
         let status = fuse_session_loop_mt(session, config)
         fuse_loop_cfg_destroy(config)
         logger.info("session loop ended (status \(status)); flushing and unmounting \(mountpoint ?? "")")
+        let notifierStopped = stopNotifier()
         filesystem.shutdown()
         teardown.lock()
         fuse_session_unmount(session)
-        fuse_session_destroy(session)
+        if notifierStopped { fuse_session_destroy(session) }
         self.session = nil
         teardown.unlock()
         return status < 0 ? 1 : 0

@@ -9,7 +9,7 @@ import SystemPackage
 /// One `CephStore` is one cluster connection (`rados_t`). Every call may block on the network; I/O on the
 /// images it opens is asynchronous (see `CephImage`).
 public final class CephStore: BlockStore, @unchecked Sendable {
-    private let cluster: rados_t
+    let cluster: rados_t
     private let logger: Logger
 
     private let lock = NSLock()

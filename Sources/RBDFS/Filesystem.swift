@@ -80,6 +80,9 @@ public final class RBDFilesystem: @unchecked Sendable {
     var openFiles: [UInt64: OpenFile] = [:]
     private var directoryListings: [UInt64: [DirectoryItem]] = [:]
     private var nextHandle: UInt64 = 1
+    /// Where kernel invalidations go (see Coherence.swift), and the queue that handles update notifications.
+    let invalidatorBox = LockedBox<(any KernelInvalidator)?>(nil)
+    let coherenceQueue = DispatchQueue(label: "rbdfs.coherence")
 
     public init(store: any BlockStore, options: FSOptions, logger: Logger) {
         self.store = store
@@ -145,22 +148,11 @@ public final class RBDFilesystem: @unchecked Sendable {
         return list
     }
 
-    /// An image's info and snapshots: from the open handle if rbdfs has one, else from the cluster.
+    /// An image's info and snapshots, described afresh once the cached copy is older than the ttl (which also
+    /// checks that the images rbdfs holds open under that name are still the ones the name leads to).
     func summary(of spec: ImageSpec) throws(FSError) -> ImageSummary {
         if let cached = cache.summary(spec) { return cached }
-        let summary: ImageSummary
-        if let open = lock.withLock({ openImages[.image(spec)] }) {
-            summary = try FSError.wrap {
-                ImageSummary(info: try open.handle.info(), snapshots: try open.handle.snapshots(), usedBytes: try? open.handle.usedBytes())
-            }
-        } else {
-            guard let result = store.describeImages(pool: spec.pool, namespace: spec.namespace, names: [spec.name])[spec.name] else {
-                throw .notFound(spec.description)
-            }
-            summary = try FSError.wrap { try result.get() }
-        }
-        cache.store(summary, for: spec)
-        return summary
+        return try refreshSummary(spec)
     }
 
     func attributes(of key: NodeKey, inode: UInt64) throws(FSError) -> FileAttributes {
@@ -227,8 +219,12 @@ public final class RBDFilesystem: @unchecked Sendable {
     }
 
     public func getattr(_ inode: UInt64) throws(FSError) -> FileAttributes {
-        try attributes(of: try key(of: inode), inode: inode)
+        let attributes = try attributes(of: try key(of: inode), inode: inode)
+        // Describing the node may have found that its name leads to another image now (Coherence.swift).
+        _ = try key(of: inode)
+        return attributes
     }
+
 
     public func setattr(_ inode: UInt64, changes: AttributeChanges) throws(FSError) -> FileAttributes {
         let key = try key(of: inode)
@@ -372,6 +368,11 @@ public final class RBDFilesystem: @unchecked Sendable {
         guard !key.isDirectory else { throw .isDirectory(key.description) }
         let writable = (flags & O_ACCMODE) != O_RDONLY
         let image = try acquireImage(key)
+        if inodes.key(of: inode) == nil {
+            // Its name was found to lead to another image meanwhile: ESTALE makes the kernel look it up again.
+            releaseImage(image)
+            throw .staleHandle("\(key): replaced by another client")
+        }
         if writable {
             do {
                 try checkWritable(key, image: image)
@@ -402,6 +403,9 @@ public final class RBDFilesystem: @unchecked Sendable {
 
     func openFile(_ handle: UInt64) throws(FSError) -> OpenFile {
         guard let file = lock.withLock({ openFiles[handle] }) else { throw .staleHandle("file handle \(handle)") }
+        if file.image.isReplaced {
+            throw .staleHandle("\(file.image.path): the image open in this file was removed, renamed or replaced by another client")
+        }
         return file
     }
 
@@ -552,6 +556,8 @@ public final class RBDFilesystem: @unchecked Sendable {
 
     /// The shared open image for a node, opened on first use.
     func acquireImage(_ key: NodeKey) throws(FSError) -> OpenImage {
+        // A handle kept open across a change by another client may hold an image that no longer has this name.
+        if let shared = lock.withLock({ openImages[key] }) { verifyIdentity(shared) }
         if let image = lock.withLock({ () -> OpenImage? in
             let image = openImages[key]
             image?.openCount += 1
@@ -586,8 +592,16 @@ public final class RBDFilesystem: @unchecked Sendable {
     {
         let handle = try FSError.wrap { try store.openImage(spec, snapshot: snapshot, readOnly: readOnly) }
         do {
-            let objectSize = try FSError.wrap { try handle.info().objectSize }
-            return OpenImage(key: key, spec: spec, handle: handle, objectSize: objectSize, uploadSnapshot: uploadSnapshot)
+            let info = try FSError.wrap { try handle.info() }
+            let snapshotID = try snapshot.map { (name: String) throws(FSError) -> UInt64 in
+                let snapshots = try FSError.wrap { try handle.snapshots() }
+                guard let found = snapshots.first(where: { $0.name == name }) else { throw .notFound(key.description) }
+                return found.id
+            }
+            let image = OpenImage(key: key, spec: spec, handle: handle, objectSize: info.objectSize, imageID: info.id,
+                                  snapshotID: snapshotID, uploadSnapshot: uploadSnapshot)
+            watchForChanges(image)
+            return image
         } catch {
             handle.close()
             throw error

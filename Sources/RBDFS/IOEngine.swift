@@ -46,6 +46,11 @@ final class OpenImage: @unchecked Sendable {
     let spec: ImageSpec
     let handle: any ImageHandle
     let objectSize: UInt64
+    /// librbd's id of the image this handle has open ("" if unknown): how a name taken over by another image
+    /// is told apart.
+    let imageID: String
+    /// librbd's id of the snapshot this handle reads (nil for a head).
+    let snapshotID: UInt64?
 
     private let lock = NSLock()
     /// Open files using this image (the cache closes the handle at zero).
@@ -65,13 +70,31 @@ final class OpenImage: @unchecked Sendable {
     private var writtenObjects: Set<UInt64>?
     /// Data extents for SEEK_DATA / SEEK_HOLE, dropped by every change made through this handle.
     private var cachedExtents: [Range<UInt64>]?
+    /// Set when another client removed, renamed or replaced the image under its name: the files open on it
+    /// answer ESTALE from then on.
+    private var replaced = false
 
-    init(key: NodeKey, spec: ImageSpec, handle: any ImageHandle, objectSize: UInt64, uploadSnapshot: String? = nil) {
+    init(key: NodeKey, spec: ImageSpec, handle: any ImageHandle, objectSize: UInt64, imageID: String = "",
+         snapshotID: UInt64? = nil, uploadSnapshot: String? = nil) {
         self.key = key
         self.spec = spec
         self.handle = handle
         self.objectSize = objectSize
+        self.imageID = imageID
+        self.snapshotID = snapshotID
         self.uploadSnapshot = uploadSnapshot
+    }
+
+    var isReplaced: Bool { lock.withLock { replaced } }
+    func markReplaced() { lock.withLock { replaced = true } }
+
+    /// True when `summary` (of the image now at this handle's name; nil: no image has it) is this handle's
+    /// image, and still has the snapshot it reads. Snapshots are matched by id, so a renamed one still matches.
+    func isStill(_ summary: ImageSummary?) -> Bool {
+        guard let summary else { return false }
+        guard imageID.isEmpty || summary.info.id == imageID else { return false }
+        guard let snapshotID else { return true }
+        return summary.snapshots.contains { $0.id == snapshotID }
     }
 
     /// True while this is an upload whose snapshot is not taken yet.

@@ -9,6 +9,8 @@ public final class InodeTable: @unchecked Sendable {
     private struct Slot {
         var key: NodeKey
         var lookups: UInt64
+        /// The node's name leads to another image now (see `detach`): the inode is stale.
+        var detached = false
     }
 
     private let lock = NSLock()
@@ -21,9 +23,9 @@ public final class InodeTable: @unchecked Sendable {
         inodes = [rootKey: Self.rootInode]
     }
 
-    /// The node an inode stands for, or nil if the kernel forgot it.
+    /// The node an inode stands for, or nil if the kernel forgot it or it is stale.
     public func key(of inode: UInt64) -> NodeKey? {
-        lock.withLock { slots[inode]?.key }
+        lock.withLock { slots[inode].flatMap { $0.detached ? nil : $0.key } }
     }
 
     /// The inode of a node, assigned on first use, counting one kernel lookup.
@@ -67,6 +69,24 @@ public final class InodeTable: @unchecked Sendable {
             guard let inode = inodes.removeValue(forKey: old) else { return }
             slots[inode]?.key = new
             inodes[new] = inode
+        }
+    }
+
+    /// The nodes the kernel holds an inode for that `matches` accepts (what to invalidate when another
+    /// client changed an image).
+    public func inodes(where matches: (NodeKey) -> Bool) -> [(key: NodeKey, inode: UInt64)] {
+        lock.withLock { inodes.filter { matches($0.key) }.map { (key: $0.key, inode: $0.value) } }
+    }
+
+    /// Makes the node's inode stale (`key(of:)` answers nil until the kernel forgets it) and frees the node
+    /// for a new inode: another client replaced or removed the image under its name, so the kernel must not
+    /// mix the old image's cached pages and attributes with the new one's. Returns the stale inode.
+    @discardableResult
+    public func detach(_ key: NodeKey) -> UInt64? {
+        lock.withLock {
+            guard let inode = inodes.removeValue(forKey: key) else { return nil }
+            slots[inode]?.detached = true
+            return inode
         }
     }
 

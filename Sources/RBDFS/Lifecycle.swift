@@ -112,6 +112,7 @@ extension RBDFilesystem {
         }
         image.seal()
         cache.forgetImage(image.spec)
+        invalidateAttributes(of: image.key)  // the file is the read-only snapshot now (0444)
         logger.info("upload complete: \(image.spec)@\(snapshot) taken and protected")
     }
 
@@ -140,7 +141,11 @@ extension RBDFilesystem {
             let parent = try? summary(of: spec).info.parent
             try FSError.wrap { try store.removeImage(spec) }
             cache.forgetImage(spec)
-            if let parent { cache.forgetImage(parent.image) }  // its snapshot has one clone less
+            if let parent {
+                // Its snapshot has one clone less (st_nlink).
+                cache.forgetImage(parent.image)
+                invalidateAttributes(of: .snapshot(parent.image, name: parent.snapshot))
+            }
             logger.info("removed image \(spec)")
         case .snapshot(let spec, let snap):
             // Asked afresh, not from the listing cache: a clone made a moment ago must keep its parent.
@@ -157,6 +162,7 @@ extension RBDFilesystem {
                 }
             }
             cache.forgetImage(spec)
+            invalidateAttributes(of: .image(spec))
             logger.info("removed snapshot \(spec)@\(snap)")
         case .root, .pool, .namespace:
             throw .isDirectory(key.description)
@@ -194,6 +200,7 @@ extension RBDFilesystem {
                 try FSError.wrap { try open.handle.renameSnapshot(from, to: to) }
             }
             cache.forgetImage(image)
+            invalidateAttributes(of: .image(image))
         case (.image, .snapshot), (.snapshot, .image), (.snapshot, .snapshot):
             throw .invalidArgument(source.description, reason: "an image and a snapshot cannot be renamed into each other; use ln to snapshot or clone")
         case (.root, _), (.pool, _), (.namespace, _), (_, .root), (_, .pool), (_, .namespace):
@@ -245,6 +252,7 @@ extension RBDFilesystem {
             }
         }
         cache.forgetImage(spec)
+        invalidateAttributes(of: .image(spec))
         logger.info("snapshot \(spec)@\(snap) taken and protected")
     }
 
@@ -265,6 +273,8 @@ extension RBDFilesystem {
         }
         cache.forgetImage(parent)
         cache.forgetImage(child)
+        // The kernel would show the snapshot's old link count (1 + clones) until its attributes time out.
+        invalidateAttributes(of: .snapshot(parent, name: snap))
         let depth = try cloneDepth(of: child)
         logger.info("cloned \(parent)@\(snap) as \(child) (clone depth \(depth))")
         if depth > options.maxCloneDepth {
@@ -275,10 +285,16 @@ extension RBDFilesystem {
 
     /// Copies a clone's parent data in and detaches it.
     func flatten(_ spec: ImageSpec) throws(FSError) {
+        let parent = try? summary(of: spec).info.parent
         try withImage(.image(spec)) { (image: OpenImage) throws(FSError) in
             try FSError.wrap { try image.handle.flatten(progress: nil) }
         }
         cache.forgetImage(spec)
+        if let parent {
+            // Its snapshot has one clone less (st_nlink).
+            cache.forgetImage(parent.image)
+            invalidateAttributes(of: .snapshot(parent.image, name: parent.snapshot))
+        }
         logger.info("flattened \(spec)")
     }
 
