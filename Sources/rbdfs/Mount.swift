@@ -50,6 +50,9 @@ struct Mount: ParsableCommand {
     @Option(help: "FUSE worker threads.")
     var threads = 32
 
+    @Option(name: .customLong("attr-timeout"), help: "Seconds the kernel and rbdfs may reuse names and attributes. Changes other clients make to images open in the mount arrive at once (librbd update watches); images they create or remove show up after at most this long.")
+    var attrTimeout: Double = 1
+
     @Option(name: .customLong("read-ahead-kb"), help: "Kernel readahead of the mount, in KiB (0: the kernel's default).")
     var readAheadKiB = 4096
 
@@ -74,6 +77,7 @@ struct Mount: ParsableCommand {
         guard threads > 0, connectTimeout > 0 else { throw ValidationError("--threads and --connect-timeout must be positive") }
         if let ioTimeout, ioTimeout <= 0 { throw ValidationError("--io-timeout must be positive") }
         guard maxCloneDepth >= 0 else { throw ValidationError("--max-clone-depth must be 0 or more") }
+        guard attrTimeout >= 0, attrTimeout <= 86_400 else { throw ValidationError("--attr-timeout must be from 0 to 86400 seconds") }
         if let objectSize, objectSize.nonzeroBitCount != 1 || objectSize < 4096 || objectSize > 32 << 20 {
             throw ValidationError("--object-size must be a power of two from 4096 to 33554432 bytes")
         }
@@ -128,6 +132,7 @@ struct Mount: ParsableCommand {
         options.allowPoolDelete = allowPoolDelete
         options.objectSize = objectSize
         options.maxCloneDepth = maxCloneDepth
+        options.metadataTTL = .milliseconds(Int64((attrTimeout * 1000).rounded()))
         options.uid = getuid()
         options.gid = getgid()
         if let pool {
@@ -139,6 +144,8 @@ struct Mount: ParsableCommand {
         let filesystem = RBDFilesystem(store: store, options: options, logger: logger)
         var tuning = FuseTuning()
         tuning.maxThreads = threads
+        tuning.entryTimeout = attrTimeout
+        tuning.attributeTimeout = attrTimeout
         tuning.readAheadKiB = readAheadKiB > 0 ? readAheadKiB : nil
         let session = FuseSession(filesystem: filesystem, tuning: tuning, logger: logger)
         var mountOptions = ["fsname=rbdfs", "subtype=rbdfs", "default_permissions"]
