@@ -11,7 +11,7 @@ struct FstabMount: ParsableCommand {
         commandName: "fstab-mount",
         abstract: "Mount as mount(8) does through mount.fuse3: rbdfs SOURCE MOUNTPOINT -o OPTIONS.",
         discussion: """
-            rbdfs options: conf=FILE, id=NAME, keyring=FILE, pool=POOL, ro, all_pools, allow_shrink,
+            rbdfs options: conf=FILE, id=NAME, keyring=FILE, pool=POOL, ro, sync, all_pools, allow_shrink,
             allow_pool_delete, object_size=BYTES, max_clone_depth=N, log_file=FILE, log_level=LEVEL,
             connect_timeout=SECONDS, io_timeout=SECONDS. Generic mount options (rw, dev, suid, exec, atime, _netdev, auto, user,
             defaults and their no- forms) are accepted and left to the kernel's defaults; any other option
@@ -38,7 +38,7 @@ struct FstabMount: ParsableCommand {
     static let genericOptions: Set<String> = [
         "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "norelatime",
         "diratime", "nodiratime", "_netdev", "auto", "noauto", "user", "nouser", "users", "defaults", "nofail",
-        "async", "sync",
+        "async",
     ]
 
     /// Translates `-o` options into `rbdfs mount` arguments.
@@ -50,7 +50,7 @@ struct FstabMount: ParsableCommand {
         ]
         let flags: [String: String] = [
             "ro": "--read-only", "all_pools": "--all-pools", "allow_shrink": "--allow-shrink",
-            "allow_pool_delete": "--allow-pool-delete",
+            "allow_pool_delete": "--allow-pool-delete", "sync": "--sync",
         ]
         var arguments = [mountpoint]
         var fuseOptions: [String] = []

@@ -29,6 +29,9 @@ struct Mount: ParsableCommand {
     @Flag(help: "Refuse every change (enforced by the daemon, and the mount is ro).")
     var readOnly = false
 
+    @Flag(help: "Acknowledge every write only once the OSDs have it, as O_SYNC would (default: buffered writes are acknowledged once librbd has them, and a failure reaches the next fsync or close).")
+    var sync = false
+
     @Flag(help: "Let truncate cut off data (like 'rbd resize --allow-shrink').")
     var allowShrink = false
 
@@ -122,7 +125,10 @@ struct Mount: ParsableCommand {
 
     private func start(at mountpoint: String, logger: Logger) throws -> FuseSession {
         let store = try CephStore.connect(
-            conf: cluster.conf, id: cluster.id, keyring: cluster.keyring, timeout: connectTimeout, osdOpTimeout: ioTimeout, options: [:],
+            conf: cluster.conf, id: cluster.id, keyring: cluster.keyring, timeout: connectTimeout, osdOpTimeout: ioTimeout,
+            // rbdfs keeps writes in flight itself (InFlightIO), keeping their failures for fsync; librbd's
+            // write-around cache would hide a failure from a later flush, and its caches cost memory per image.
+            options: ["rbd_cache": "false"],
             logger: logger)
         var options = FSOptions()
         options.pool = pool
@@ -146,6 +152,7 @@ struct Mount: ParsableCommand {
         tuning.maxThreads = threads
         tuning.entryTimeout = attrTimeout
         tuning.attributeTimeout = attrTimeout
+        tuning.writeBehind = !sync
         tuning.readAheadKiB = readAheadKiB > 0 ? readAheadKiB : nil
         let session = FuseSession(filesystem: filesystem, tuning: tuning, logger: logger)
         var mountOptions = ["fsname=rbdfs", "subtype=rbdfs", "default_permissions"]

@@ -29,10 +29,10 @@ final class Harness {
         return try outcome.wait()
     }
 
-    func write(_ handle: UInt64, at offset: UInt64, _ bytes: [UInt8]) throws -> Int {
+    func write(_ handle: UInt64, at offset: UInt64, _ bytes: [UInt8], writeThrough: Bool = true) throws -> Int {
         let outcome = Outcome<Int>()
         bytes.withUnsafeBytes { data in
-            fs.write(handle, offset: offset, data: data) { result in outcome.set(result) }
+            fs.write(handle, offset: offset, data: data, writeThrough: writeThrough) { result in outcome.set(result) }
         }
         return try outcome.wait()
     }
