@@ -71,6 +71,15 @@ public final class RBDFilesystem: @unchecked Sendable {
     struct OpenFile {
         var image: OpenImage
         var writable: Bool
+        /// How many failures of early-acknowledged writes this file has reported (or that came before it):
+        /// each failure reaches the next fsync or close of every file open when it happened, once.
+        var failuresSeen: UInt64
+
+        init(image: OpenImage, writable: Bool) {
+            self.image = image
+            self.writable = writable
+            failuresSeen = image.io.failures.count
+        }
     }
 
     let lock = NSLock()
@@ -83,6 +92,9 @@ public final class RBDFilesystem: @unchecked Sendable {
     /// Where kernel invalidations go (see Coherence.swift), and the queue that handles update notifications.
     let invalidatorBox = LockedBox<(any KernelInvalidator)?>(nil)
     let coherenceQueue = DispatchQueue(label: "rbdfs.coherence")
+    /// Checks the open images that have no update watch, once a ttl (started with the first of them).
+    /// Guarded by `lock`.
+    var unwatchedCheck: DispatchSourceTimer?
 
     public init(store: any BlockStore, options: FSOptions, logger: Logger) {
         self.store = store
@@ -219,12 +231,17 @@ public final class RBDFilesystem: @unchecked Sendable {
     }
 
     public func getattr(_ inode: UInt64) throws(FSError) -> FileAttributes {
-        let attributes = try attributes(of: try key(of: inode), inode: inode)
-        // Describing the node may have found that its name leads to another image now (Coherence.swift).
-        _ = try key(of: inode)
-        return attributes
+        do {
+            let attributes = try attributes(of: try key(of: inode), inode: inode)
+            // Describing the node may have found that its name leads to another image now (Coherence.swift).
+            _ = try key(of: inode)
+            return attributes
+        } catch {
+            // The image or snapshot this inode stood for was removed or replaced meanwhile: its files are stale.
+            if inodes.key(of: inode) == nil { throw .staleHandle("inode \(inode): removed or replaced by another client") }
+            throw error
+        }
     }
-
 
     public func setattr(_ inode: UInt64, changes: AttributeChanges) throws(FSError) -> FileAttributes {
         let key = try key(of: inode)
@@ -401,9 +418,11 @@ public final class RBDFilesystem: @unchecked Sendable {
         }
     }
 
-    func openFile(_ handle: UInt64) throws(FSError) -> OpenFile {
+    /// An open file. One whose image another client removed or replaced is ESTALE, unless `evenIfReplaced`
+    /// (fsync and close still flush what was written to it).
+    func openFile(_ handle: UInt64, evenIfReplaced: Bool = false) throws(FSError) -> OpenFile {
         guard let file = lock.withLock({ openFiles[handle] }) else { throw .staleHandle("file handle \(handle)") }
-        if file.image.isReplaced {
+        if file.image.isReplaced && !evenIfReplaced {
             throw .staleHandle("\(file.image.path): the image open in this file was removed, renamed or replaced by another client")
         }
         return file
@@ -420,7 +439,10 @@ public final class RBDFilesystem: @unchecked Sendable {
         IOEngine.read(file.image, offset: offset, size: size, reply: reply)
     }
 
-    public func write(_ handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer,
+    /// Writes file data. `writeThrough` (O_DIRECT, O_SYNC, O_DSYNC) replies once the OSDs have the data;
+    /// otherwise the reply goes once librbd has it, and a later failure is logged and reported by the next
+    /// fsync or close of every file open on the image (and cancels a pending upload's snapshot).
+    public func write(_ handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, writeThrough: Bool = true,
                       reply: @escaping @Sendable (Result<Int, FSError>) -> Void) {
         let file: OpenFile
         do throws(FSError) {
@@ -431,7 +453,12 @@ public final class RBDFilesystem: @unchecked Sendable {
             return reply(.failure(error))
         }
         let image = file.image
-        IOEngine.write(image, offset: offset, data: data) { result in
+        let logger = self.logger, count = data.count
+        IOEngine.write(image, offset: offset, data: data, acknowledgeEarly: !writeThrough, lateFailure: { error in
+            logger.error("\(image.path): write of \(count) bytes at \(offset) failed after it was acknowledged (reported at the next fsync or close): \(error)")
+            image.recordWriteFailure(error)
+            image.io.recordFailure(error)
+        }) { result in
             if case .failure(let error) = result { image.recordWriteFailure(error) }
             reply(result)
         }
@@ -452,12 +479,26 @@ public final class RBDFilesystem: @unchecked Sendable {
     public func fsync(_ handle: UInt64, reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
         let file: OpenFile
         do {
-            file = try openFile(handle)
+            file = try openFile(handle, evenIfReplaced: true)
         } catch {
             return reply(.failure(error))
         }
         guard file.writable else { return reply(.success(())) }
-        IOEngine.flush(file.image, reply: reply)
+        IOEngine.flush(file.image) { result in
+            reply(result.flatMap { self.takeLateFailure(handle) })
+        }
+    }
+
+    /// The failure of an early-acknowledged write this file has not reported yet, if any (then marked reported).
+    func takeLateFailure(_ handle: UInt64) -> Result<Void, FSError> {
+        lock.withLock {
+            guard var file = openFiles[handle] else { return .success(()) }
+            let (count, last) = file.image.io.failures
+            guard count > file.failuresSeen, let last else { return .success(()) }
+            file.failuresSeen = count
+            openFiles[handle] = file
+            return .failure(last)
+        }
     }
 
     /// fallocate(2): PUNCH_HOLE (with KEEP_SIZE) and ZERO_RANGE make the range read as zeros and release

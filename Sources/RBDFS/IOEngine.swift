@@ -46,6 +46,8 @@ final class OpenImage: @unchecked Sendable {
     let spec: ImageSpec
     let handle: any ImageHandle
     let objectSize: UInt64
+    /// What is in flight on this image, in order (write-behind, see InFlightIO).
+    let io = InFlightIO()
     /// librbd's id of the image this handle has open ("" if unknown): how a name taken over by another image
     /// is told apart.
     let imageID: String
@@ -149,6 +151,7 @@ final class OpenImage: @unchecked Sendable {
 
     /// Data extents (object-aligned, merged, including a parent's data), cached until the next change.
     func dataExtents() throws(FSError) -> [Range<UInt64>] {
+        io.waitForEarlier()  // writes still in flight are data already
         if let cached = lock.withLock({ cachedExtents }) { return cached }
         let size = try currentSize()
         let extents = try FSError.wrap { try handle.allocatedExtents(in: 0..<size) }
@@ -183,6 +186,7 @@ final class OpenImage: @unchecked Sendable {
 
     /// Sets the size files see (truncate); drops any pending growth step.
     func resize(to size: UInt64) throws(FSError) {
+        io.waitForEarlier()  // a shrink must not race a write still in flight past the new end
         lock.lock()
         defer { lock.unlock() }
         try FSError.wrap { try handle.resize(to: size) }
@@ -196,6 +200,7 @@ final class OpenImage: @unchecked Sendable {
 
     /// Gives back the unwritten tail of a growth step, so the image ends at the last byte written.
     func trimGrowth() throws(FSError) {
+        io.waitForEarlier()
         lock.lock()
         defer { lock.unlock() }
         guard let size = writtenSize else { return }
@@ -240,19 +245,26 @@ public enum IOEngine {
         }
         let length = min(UInt64(size), imageSize - offset)
         let pieces = ObjectExtents.split(offset: offset, length: length, objectSize: image.objectSize)
-        let request = ReadRequest(length: Int(length), pieces: pieces.count, reply: reply)
-        for piece in pieces {
-            let start = Int(piece.lowerBound - offset)
-            image.handle.read(at: piece.lowerBound, into: request.slice(start..<start + piece.count)) { result in
-                request.finish(pieceAt: start, length: piece.count, result)
+        image.io.submit(offset..<offset + length, kind: .read) { done in
+            let request = ReadRequest(length: Int(length), pieces: pieces.count, done: done, reply: reply)
+            for piece in pieces {
+                let start = Int(piece.lowerBound - offset)
+                image.handle.read(at: piece.lowerBound, into: request.slice(start..<start + piece.count)) { result in
+                    request.finish(pieceAt: start, length: piece.count, result)
+                }
             }
         }
     }
 
     /// Writes `data` at `offset`, growing the image first when the write passes its end. `data` is copied
     /// before this returns. `reply` gets the byte count, always all of it on success.
+    ///
+    /// `acknowledgeEarly` (buffered writes): the reply goes as soon as librbd has the data, and a failure
+    /// found later goes to `lateFailure` (and from there to the next flush); otherwise (O_DIRECT, O_SYNC)
+    /// the reply waits for the OSDs.
     static func write(
-        _ image: OpenImage, offset: UInt64, data: UnsafeRawBufferPointer,
+        _ image: OpenImage, offset: UInt64, data: UnsafeRawBufferPointer, acknowledgeEarly: Bool = false,
+        lateFailure: @escaping @Sendable (FSError) -> Void = { _ in },
         reply: @escaping @Sendable (Result<Int, FSError>) -> Void
     ) {
         guard data.count > 0 else { return reply(.success(0)) }
@@ -270,18 +282,46 @@ public enum IOEngine {
         }
         let total = data.count
         guard !sent.isEmpty else { return reply(.success(total)) }
-        let gather = PieceGather(pieces: sent.count)
-        for piece in sent {
-            image.noteWrite(piece)
-            let start = Int(piece.lowerBound - offset)
-            let slice = UnsafeRawBufferPointer(rebasing: data[start..<start + piece.count])
-            image.handle.write(at: piece.lowerBound, from: slice) { result in
-                var failure: StorageError?
-                if case .failure(let error) = result { failure = error }
-                guard let outcome = gather.finish(failure) else { return }
-                reply(outcome.map { .failure(.storage($0)) } ?? .success(total))
+        // Noted now, in request order: a later write of zeros must not be skipped over data still queued.
+        for piece in sent { image.noteWrite(piece) }
+
+        @Sendable func issue(from source: UnsafeRawBufferPointer, done: @escaping InFlightIO.Done) {
+            let gather = PieceGather(pieces: sent.count)
+            for piece in sent {
+                let start = Int(piece.lowerBound - offset)
+                let slice = UnsafeRawBufferPointer(rebasing: source[start..<start + piece.count])
+                image.handle.write(at: piece.lowerBound, from: slice) { result in
+                    var failure: StorageError?
+                    if case .failure(let error) = result { failure = error }
+                    guard let outcome = gather.finish(failure) else { return }
+                    if acknowledgeEarly {
+                        // Recorded before `done`, so a flush waiting for this write sees the failure.
+                        if let outcome { lateFailure(.storage(outcome)) }
+                        done()
+                    } else {
+                        done()
+                        reply(outcome.map { .failure(.storage($0)) } ?? .success(total))
+                    }
+                }
             }
+            // librbd copied the data: the page-cache promise holds from here.
+            if acknowledgeEarly { reply(.success(total)) }
         }
+
+        let range = sent.first!.lowerBound..<sent.last!.upperBound
+        let bytes = sent.reduce(0) { $0 + $1.count }
+        image.io.submit(range, kind: .write, bytes: bytes, now: { done in
+            issue(from: data, done: done)
+        }, later: {
+            // It waits behind earlier I/O: keep a copy, as the request's buffer is reused once we return.
+            let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 16)
+            copy.copyMemory(from: data)
+            let source = UncheckedBuffer(copy)
+            return { done in
+                issue(from: UnsafeRawBufferPointer(source.buffer), done: done)
+                source.buffer.deallocate()
+            }
+        })
     }
 
     /// Makes `[offset, offset+length)` read as zeros, releasing the whole objects in it (punch hole,
@@ -290,12 +330,17 @@ public enum IOEngine {
                      reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
         guard length > 0 else { return reply(.success(())) }
         image.noteZeroed(offset..<offset + length)
-        image.handle.writeZeroes(at: offset, length: length) { result in
-            reply(result.mapError { .storage($0) })
+        image.io.submit(offset..<offset + length, kind: .write) { done in
+            image.handle.writeZeroes(at: offset, length: length) { result in
+                done()
+                reply(result.mapError { .storage($0) })
+            }
         }
     }
 
-    /// Trims a pending growth step and makes every acknowledged write durable.
+    /// Trims a pending growth step and makes every acknowledged write durable: waits for the writes still
+    /// in flight (on the calling worker thread), then flushes librbd. Failures of writes acknowledged
+    /// early are the caller's to check (`InFlightIO.failures`).
     static func flush(_ image: OpenImage, reply: @escaping @Sendable (Result<Void, FSError>) -> Void) {
         do {
             try image.trimGrowth()
@@ -325,13 +370,16 @@ enum ZeroScan {
 private final class ReadRequest: @unchecked Sendable {
     private let buffer: UnsafeMutableRawBufferPointer
     private let reply: @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void
+    private let done: InFlightIO.Done
     private let lock = NSLock()
     private var remaining: Int
     private var firstError: StorageError?
     /// The lowest offset at which a piece came back short (the image shrank meanwhile): answer up to there.
     private var validLength: Int
 
-    init(length: Int, pieces: Int, reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
+    init(length: Int, pieces: Int, done: @escaping InFlightIO.Done,
+         reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
+        self.done = done
         buffer = .allocate(byteCount: length, alignment: 4096)
         remaining = pieces
         validLength = length
@@ -345,7 +393,7 @@ private final class ReadRequest: @unchecked Sendable {
     }
 
     func finish(pieceAt start: Int, length: Int, _ result: Result<Int, StorageError>) {
-        let done: Bool = lock.withLock {
+        let finished: Bool = lock.withLock {
             switch result {
             case .success(let count) where count < length:
                 validLength = min(validLength, start + count)
@@ -357,11 +405,18 @@ private final class ReadRequest: @unchecked Sendable {
             remaining -= 1
             return remaining == 0
         }
-        guard done else { return }
+        guard finished else { return }
+        done()
         if let error = firstError {
             reply(.failure(.storage(error)))
         } else {
             reply(.success(UnsafeRawBufferPointer(rebasing: buffer[0..<validLength])))
         }
     }
+}
+
+/// A buffer handed to another thread, which alone uses and frees it.
+struct UncheckedBuffer: @unchecked Sendable {
+    let buffer: UnsafeMutableRawBufferPointer
+    init(_ buffer: UnsafeMutableRawBufferPointer) { self.buffer = buffer }
 }

@@ -99,6 +99,7 @@ extension RBDFilesystem {
     /// The end of an upload: trim, flush, then take and protect the snapshot. A write that failed, or a
     /// failed flush, cancels the snapshot and fails the close with that error.
     func finishUpload(_ image: OpenImage) throws(FSError) {
+        image.io.waitForEarlier()  // a write still in flight may yet fail and cancel the snapshot
         guard let (snapshot, failure) = image.pendingUpload() else { return }
         if let failure {
             logger.error("upload of \(image.spec): a write failed, so no snapshot \(snapshot) is made: \(failure)")
@@ -118,6 +119,7 @@ extension RBDFilesystem {
 
     /// Flushes an image and waits for it (on a worker thread, never from a completion).
     func flushNow(_ image: OpenImage) throws(FSError) {
+        image.io.waitForEarlier()
         let done = DispatchSemaphore(value: 0)
         let outcome = LockedBox<Result<Void, StorageError>>(.success(()))
         image.handle.flush { result in
