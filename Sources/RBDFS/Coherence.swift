@@ -38,7 +38,13 @@ extension RBDFilesystem {
 
     /// Registers the update watch of a freshly opened image. A watch that cannot be registered is not an
     /// error: the entry and attribute timeouts still bound how stale the mount can be.
+    ///
+    /// librbd gives a read-only handle (every snapshot; the heads of a `--read-only` mount) no header watch,
+    /// so no notification ever comes for it: those images are checked once a ttl instead, so that one
+    /// removed or replaced meanwhile (`rbd rm` succeeds then, and its data reads as zeros) answers ESTALE
+    /// within about a ttl even if nothing else looks at its name.
     func watchForChanges(_ image: OpenImage) {
+        if image.handle.isReadOnly { startUnwatchedCheck() }
         do {
             try image.handle.watchUpdates { [weak self, weak image] in
                 // A librbd thread: never call librbd or FUSE from here, only forget and hand over.
@@ -49,6 +55,29 @@ extension RBDFilesystem {
         } catch {
             logger.warning("\(image.path): no update watch (\(error)); changes by other clients show up within \(options.metadataTTL)")
         }
+    }
+
+    private func startUnwatchedCheck() {
+        lock.withLock {
+            guard unwatchedCheck == nil else { return }
+            let period = max(options.metadataTTL, .milliseconds(250))
+            let nanoseconds = period.components.seconds * 1_000_000_000 + period.components.attoseconds / 1_000_000_000
+            let interval = DispatchTimeInterval.nanoseconds(Int(clamping: nanoseconds))
+            let timer = DispatchSource.makeTimerSource(queue: coherenceQueue)
+            timer.schedule(deadline: .now() + interval, repeating: interval, leeway: .milliseconds(50))
+            timer.setEventHandler { [weak self] in
+                guard let self else { return timer.cancel() }  // which releases this handler, and the timer
+                self.checkUnwatchedImages()
+            }
+            timer.resume()
+            unwatchedCheck = timer
+        }
+    }
+
+    /// On the coherence queue: verifies every open image that has no update watch.
+    private func checkUnwatchedImages() {
+        let unwatched = lock.withLock { openImages.values.filter { $0.handle.isReadOnly } }
+        for image in unwatched { verifyIdentity(image) }
     }
 
     /// Runs on the coherence queue after another client changed an open image.

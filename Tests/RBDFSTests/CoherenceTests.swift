@@ -185,10 +185,36 @@ final class RecordingInvalidator: KernelInvalidator, @unchecked Sendable {
         usleep(100_000)  // past the ttl
         // The kernel's old inode is stale (open would look the name up again); the name leads to the new one.
         expectErrno(.staleNFSFileHandle) { _ = try h.fs.open(snap, flags: O_RDONLY) }
+        expectErrno(.staleNFSFileHandle) { _ = try h.fs.getattr(snap) }
+        try h.fsync(old)  // close(2) of a read-only file whose snapshot went has nothing to report
         let fresh = try h.fs.open(try h.path("images", "disk@s"), flags: O_RDONLY)
         defer { h.fs.release(fresh) }
         #expect(try h.read(fresh, at: 0, count: 2) == [5, 5])
         expectErrno(.staleNFSFileHandle) { _ = try h.read(old, at: 0, count: 2) }
+    }
+
+    @Test func anImageRemovedUnderAReadOnlyMountAnswersESTALE() throws {
+        var options = FSOptions()
+        options.readOnly = true
+        options.metadataTTL = .milliseconds(100)
+        let h = try Harness(options: options) { store in try store.createImage(ImageSpec(pool: "images", name: "disk"), size: mib, options: .init()) }
+        let inode = try h.path("images", "disk")
+        let file = try h.fs.open(inode, flags: O_RDONLY)
+        defer { h.fs.release(file) }
+        // A read-only handle is no watcher: another client may remove the image while it is open.
+        try h.store.removeImage(disk)
+        var stale = false
+        for _ in 0..<100 where !stale {
+            do {
+                _ = try h.read(file, at: 0, count: 4)
+                usleep(20_000)
+            } catch {
+                stale = (error as? FSError)?.errno == .staleNFSFileHandle
+            }
+        }
+        #expect(stale)
+        expectErrno(.staleNFSFileHandle) { _ = try h.fs.getattr(inode) }
+        expectErrno(.noSuchFileOrDirectory) { _ = try h.path("images", "disk") }
     }
 
     @Test func withoutAnInvalidatorNothingIsQueuedAndNothingBreaks() throws {
