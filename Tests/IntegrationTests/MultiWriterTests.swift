@@ -175,4 +175,85 @@ struct MultiWriterTests {
         #expect(output.contains("O_DIRECT: new"), "\(output)")
         #expect(output.contains("reopened, buffered: new"), "\(output)")
     }
+
+    // MARK: - Known hazards of two mounts writing one image (SEMANTICS.md "Several writers")
+
+    /// The mount that grows an image by writing past its end grows it a whole step ahead and trims the step back
+    /// to its own last byte at fsync / close. A write another mount made inside that step in the meantime, and
+    /// fsynced, is cut off by the trim: the second writer's acknowledged data is gone. Pinned as a known issue
+    /// until the trim stops shrinking over data it did not write; when it passes, remove the wrapper.
+    @Test func anotherMountsWriteInsideTheGrowthStepSurvivesTheTrim() throws {
+        let image = uniqueName("growtrim")
+        defer { RBDCLI.purge(["images/\(image)"]) }
+        let first = try MountedRBDFS(), second = try MountedRBDFS()
+        defer {
+            first.unmount()
+            second.unmount()
+        }
+        let output = try sh("""
+            python3 - <<'PY'
+            import os, time, subprocess
+            M = 1 << 20
+            a = os.open(\(pyQuote(first.path + "/images/" + image)), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            assert os.pwrite(a, os.urandom(M), 0) == M  # the image grows a step; the first mount's end is 1 MiB
+            other = \(pyQuote(second.path + "/images/" + image))
+            for _ in range(50):
+                if os.path.exists(other) and os.stat(other).st_size >= 3 * M:
+                    break
+                time.sleep(0.1)
+            b = os.open(other, os.O_RDWR)
+            data = os.urandom(M)
+            assert os.pwrite(b, data, 2 * M) == M
+            os.fsync(b)
+            os.close(b)
+            os.fsync(a)
+            os.close(a)
+            exported = subprocess.run(['rbd', 'export', '--no-progress', 'images/\(image)', '-'], check=True, capture_output=True).stdout
+            print("size", len(exported), "second mount's data", "kept" if exported[2 * M:3 * M] == data else "lost")
+            PY
+            """)
+        withKnownIssue("the growth step's trim cuts off another client's write inside the step") {
+            #expect(output.trimmed.hasSuffix("second mount's data kept"), "\(output)")
+        }
+    }
+
+    /// An image created through a mount is known to start empty, so while that mount holds it open an all-zero
+    /// write into an object it has not written is skipped (thin import). If another mount wrote that object
+    /// meanwhile, the zeros written last are lost and the other mount's data stays. Pinned as a known issue.
+    @Test func zerosWrittenAfterAnotherMountsDataReplaceIt() throws {
+        let image = uniqueName("zeroskip")
+        defer { RBDCLI.purge(["images/\(image)"]) }
+        let first = try MountedRBDFS(), second = try MountedRBDFS()
+        defer {
+            first.unmount()
+            second.unmount()
+        }
+        let output = try sh("""
+            python3 - <<'PY'
+            import os, time, subprocess
+            M = 1 << 20
+            a = os.open(\(pyQuote(first.path + "/images/" + image)), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            assert os.pwrite(a, os.urandom(M), 0) == M
+            os.ftruncate(a, 12 * M)
+            os.fsync(a)
+            other = \(pyQuote(second.path + "/images/" + image))
+            for _ in range(50):
+                if os.path.exists(other) and os.stat(other).st_size == 12 * M:
+                    break
+                time.sleep(0.1)
+            b = os.open(other, os.O_RDWR)
+            assert os.pwrite(b, os.urandom(M), 4 * M) == M  # into the second object, which the first mount never wrote
+            os.fsync(b)
+            os.close(b)
+            assert os.pwrite(a, bytes(M), 4 * M) == M  # zeros over it, later
+            os.fsync(a)
+            os.close(a)
+            exported = subprocess.run(['rbd', 'export', '--no-progress', 'images/\(image)', '-'], check=True, capture_output=True).stdout
+            print("the later zeros", "landed" if exported[4 * M:5 * M] == bytes(M) else "lost")
+            PY
+            """)
+        withKnownIssue("zero-skipping trusts that only this mount writes an image it created") {
+            #expect(output.trimmed == "the later zeros landed", "\(output)")
+        }
+    }
 }
