@@ -380,13 +380,13 @@ private final class ReadRequest: @unchecked Sendable {
     init(length: Int, pieces: Int, done: @escaping InFlightIO.Done,
          reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
         self.done = done
-        buffer = .allocate(byteCount: length, alignment: 4096)
+        buffer = ReadBuffers.shared.take(length)
         remaining = pieces
         validLength = length
         self.reply = reply
     }
 
-    deinit { buffer.deallocate() }
+    deinit { ReadBuffers.shared.give(buffer) }
 
     func slice(_ range: Range<Int>) -> UnsafeMutableRawBufferPointer {
         UnsafeMutableRawBufferPointer(rebasing: buffer[range])
@@ -419,4 +419,37 @@ private final class ReadRequest: @unchecked Sendable {
 struct UncheckedBuffer: @unchecked Sendable {
     let buffer: UnsafeMutableRawBufferPointer
     init(_ buffer: UnsafeMutableRawBufferPointer) { self.buffer = buffer }
+}
+
+/// Read buffers kept for reuse. A fresh 1 MiB buffer comes from mmap, and its first touch (librbd copying
+/// the data in, on librbd's completion thread) faults and zeroes every page: at streaming rates that cost
+/// more than the copy itself.
+final class ReadBuffers: @unchecked Sendable {
+    static let shared = ReadBuffers()
+
+    /// The size every kept buffer has: the largest FUSE request (max_write / max_pages, 1 MiB).
+    let bufferSize = 1 << 20
+    /// At most this many idle buffers are kept (64 MiB).
+    let keptLimit = 64
+    private let lock = NSLock()
+    private var idle: [UnsafeMutableRawPointer] = []
+
+    /// A buffer of exactly `count` bytes (a view of a kept buffer when it fits one).
+    func take(_ count: Int) -> UnsafeMutableRawBufferPointer {
+        guard count <= bufferSize else { return .allocate(byteCount: count, alignment: 4096) }
+        let base = lock.withLock { idle.popLast() }
+            ?? UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 4096)
+        return UnsafeMutableRawBufferPointer(start: base, count: count)
+    }
+
+    func give(_ buffer: UnsafeMutableRawBufferPointer) {
+        guard let base = buffer.baseAddress else { return }
+        guard buffer.count <= bufferSize else { return base.deallocate() }
+        let kept = lock.withLock { () -> Bool in
+            guard idle.count < keptLimit else { return false }
+            idle.append(base)
+            return true
+        }
+        if !kept { base.deallocate() }
+    }
 }
