@@ -203,14 +203,15 @@ final class RecordingInvalidator: KernelInvalidator, @unchecked Sendable {
         defer { h.fs.release(file) }
         // A read-only handle is no watcher: another client may remove the image while it is open.
         try h.store.removeImage(disk)
+        // Until rbdfs finds it out, the store itself answers (ENOENT here; librbd reads zeros); then ESTALE.
         var stale = false
         for _ in 0..<100 where !stale {
             do {
                 _ = try h.read(file, at: 0, count: 4)
-                usleep(20_000)
             } catch {
                 stale = (error as? FSError)?.errno == .staleNFSFileHandle
             }
+            if !stale { usleep(20_000) }
         }
         #expect(stale)
         expectErrno(.staleNFSFileHandle) { _ = try h.fs.getattr(inode) }
