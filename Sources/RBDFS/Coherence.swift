@@ -122,20 +122,20 @@ extension RBDFilesystem {
     /// already open on them answer ESTALE, so that no descriptor reads or writes another image than the one
     /// it opened, nor a removed one unknowingly.
     private func detachStale(_ spec: ImageSpec, now summary: ImageSummary?) {
-        // All under the lock, the inodes first: once a file answers ESTALE, so does its inode, and a caller
-        // that finds nothing left to detach finds the inode stale.
+        // The inodes under the lock, so that a caller that finds nothing left to detach finds the inode
+        // stale; the files after them, so that once a file answers ESTALE, so does its inode. (Not marked
+        // under the lock: an image's own lock may be held through a slow resize.)
         let stale = lock.withLock { () -> [(image: OpenImage, inode: UInt64?)] in
             let found = openImages.values.filter { $0.spec == spec && !$0.isStill(summary) }
             return found.map { image in
                 if openImages[image.key] === image { openImages[image.key] = nil }
-                let inode = inodes.detach(image.key)
-                image.markReplaced()
-                return (image, inode)
+                return (image, inodes.detach(image.key))
             }
         }
         guard !stale.isEmpty else { return }
         let directory = inodes.existingInode(of: parentDirectory(of: spec))
         for (image, staleInode) in stale {
+            image.markReplaced()
             let now = summary.map { "image \($0.info.id)" } ?? "no image"
             logger.warning("\(image.path): another client removed, renamed or replaced it (the name now leads to \(now), not image \(image.imageID)\(image.snapshotID.map { " snapshot \($0)" } ?? "")); files open on it get ESTALE")
             // The name gets a new inode, so the kernel keeps the old image's pages and attributes apart from
