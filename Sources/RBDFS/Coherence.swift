@@ -80,10 +80,11 @@ extension RBDFilesystem {
         for image in unwatched { verifyIdentity(image) }
     }
 
-    /// Runs on the coherence queue after another client changed an open image.
+    /// Runs on the coherence queue after an update notification: another client changed an open image (librbd
+    /// also notifies our own header changes, such as a growth step).
     private func imageChangedElsewhere(_ image: OpenImage) {
         cache.forgetImage(image.spec)
-        logger.debug("\(image.path): changed by another client; invalidating the kernel's view")
+        logger.debug("\(image.path): update notification (another client, or our own header change); invalidating the kernel's view")
         invalidateImage(image.spec, data: true)
         // Describes it afresh (so the next getattr is answered at once) and checks it is still the same image.
         _ = try? refreshSummary(image.spec)
