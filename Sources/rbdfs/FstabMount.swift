@@ -13,7 +13,7 @@ struct FstabMount: ParsableCommand {
         discussion: """
             rbdfs options: conf=FILE, id=NAME, keyring=FILE, pool=POOL, ro, sync, all_pools, allow_shrink,
             allow_pool_delete, object_size=BYTES, max_clone_depth=N, log_file=FILE, log_level=LEVEL,
-            connect_timeout=SECONDS, io_timeout=SECONDS. Generic mount options (rw, dev, suid, exec, atime, _netdev, auto, user,
+            connect_timeout=SECONDS, io_timeout=SECONDS, attr_timeout=SECONDS. Generic mount options (rw, dev, suid, exec, atime, _netdev, auto, user,
             defaults and their no- forms) are accepted and left to the kernel's defaults; any other option
             is passed to FUSE (e.g. allow_other).
             """,
@@ -46,7 +46,7 @@ struct FstabMount: ParsableCommand {
         let valued: [String: String] = [
             "conf": "--conf", "id": "--id", "keyring": "--keyring", "pool": "--pool", "object_size": "--object-size",
             "max_clone_depth": "--max-clone-depth", "log_file": "--log-file", "log_level": "--log-level",
-            "connect_timeout": "--connect-timeout", "io_timeout": "--io-timeout",
+            "connect_timeout": "--connect-timeout", "io_timeout": "--io-timeout", "attr_timeout": "--attr-timeout",
         ]
         let flags: [String: String] = [
             "ro": "--read-only", "all_pools": "--all-pools", "allow_shrink": "--allow-shrink",
