@@ -1,5 +1,6 @@
 import Foundation
 internal import CRBD
+import Logging
 import Storage
 
 extension CephStore {
@@ -18,9 +19,9 @@ extension CephStore {
     ///
     /// An image it cannot be sure to describe as librbd would is opened instead (`describeImagesByOpening`):
     /// one that is not there (the error is librbd's), a format-1 image, one with a feature not handled here
-    /// (striping, journaling, a data pool, migration, mirroring), one whose used bytes only librbd's slow
-    /// diff knows (no fast-diff, an invalid object map, a pending object), a clone whose head no longer
-    /// maps its parent, and any reply that does not decode.
+    /// (striping, journaling, migration, a non-primary mirror, a dirty cache), one whose used bytes only
+    /// librbd's slow diff knows (no fast-diff, an invalid object map, a pending object), a clone whose head
+    /// no longer maps its parent or whose parent is in the trash, and any reply that does not decode.
     public func describeImages(
         pool: String, namespace: String, names: [String]
     ) -> [String: Result<ImageSummary, StorageError>] {
@@ -35,6 +36,11 @@ extension CephStore {
         let read = readMetadata(of: names, in: io)
         var results = read.summaries.mapValues { Result<ImageSummary, StorageError>.success($0) }
         if !read.toOpen.isEmpty {
+            let some = read.toOpen.prefix(10).joined(separator: ", ") + (read.toOpen.count > 10 ? ", ..." : "")
+            logger.debug("""
+                \(io.description): \(read.summaries.count) images described from their metadata, \
+                opening \(read.toOpen.count): \(some)
+                """)
             results.merge(describeImages(opening: read.toOpen, in: io)) { _, opened in opened }
         }
         return results
@@ -187,9 +193,10 @@ private final class MetadataReader {
     /// Pool names by id, nil for a pool that is gone.
     private var poolNames: [Int64: String?] = [:]
 
-    /// Features this reads images with: layering, exclusive-lock, object-map, fast-diff, deep-flatten and
-    /// operations (`RBD_FEATURE_*` in `rbd/features.h`). None of them changes what is read or how.
-    private static let knownFeatures: UInt64 = 1 << 0 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 8
+    /// Features this reads images with: layering, exclusive-lock, object-map, fast-diff, deep-flatten,
+    /// data-pool and operations (`RBD_FEATURE_*` in `rbd/features.h`). None of them changes what is read or
+    /// how: a data pool holds only data objects, the header and object map stay in the image's pool.
+    private static let knownFeatures: UInt64 = 1 << 0 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 7 | 1 << 8
     private static let objectMapFeatures: UInt64 = 1 << 3 | 1 << 4
     /// `RBD_FLAG_OBJECT_MAP_INVALID`, `RBD_FLAG_FAST_DIFF_INVALID`.
     private static let invalidObjectMapFlags: UInt64 = 1 << 0 | 1 << 1

@@ -10,7 +10,7 @@ import SystemPackage
 /// images it opens is asynchronous (see `CephImage`).
 public final class CephStore: BlockStore, @unchecked Sendable {
     let cluster: rados_t
-    private let logger: Logger
+    let logger: Logger
 
     private let lock = NSLock()
     /// I/O contexts by pool and namespace: cheap to make but not free, and thread-safe. Guarded by `lock`.

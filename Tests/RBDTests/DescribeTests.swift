@@ -68,6 +68,12 @@ import Testing
                              options: ImageCreateOptions())
         images.add(otherPoolClone)
 
+        // Data objects in another pool (what erasure-coded pools need); the store cannot make one, rbd can.
+        let dataPool = ImageSpec(pool: "images", name: uniqueName("data-pool"))
+        try rbd("create", "--size", "8M", "--data-pool", "volumes", dataPool.description)
+        images.add(dataPool)
+        try await withHead(dataPool) { head in try await head.write(at: 4 * MiB, pattern(count: 4096, seed: 13)) }
+
         // Without an object map only librbd's slow diff knows the used bytes: opened.
         let withoutObjectMap = try image("no-object-map", size: 8 * MiB, options: ImageCreateOptions(features: 1))
         try await withHead(withoutObjectMap) { head in try await head.write(at: 0, pattern(count: 4096, seed: 11)) }
@@ -89,7 +95,7 @@ import Testing
         try await withHead(inNamespace) { head in try head.removeSnapshot("trashed") }
 
         let missing = uniqueName("missing")
-        let defaultNames = [plain, empty, emptyWithoutObjectMap, written, snapshotted, grown, clone,
+        let defaultNames = [plain, empty, emptyWithoutObjectMap, written, snapshotted, grown, clone, dataPool,
                             withoutObjectMap, namespaceClone].map(\.name) + [missing]
         let groups: [(pool: String, namespace: String, names: [String])] = [
             ("images", "", defaultNames), ("vms", "", [otherPoolClone.name]),
@@ -134,6 +140,8 @@ import Testing
         #expect(cloneInfo.usedBytes == 4 * MiB)
         #expect(try summaries[namespaceClone.name]?.get().info.parent?.image == inNamespace)
         #expect(try summaries[withoutObjectMap.name]?.get().usedBytes == 4 * MiB)
+        let dataPoolInfo = try #require(try summaries[dataPool.name]?.get())
+        #expect(dataPoolInfo.usedBytes == 4 * MiB && dataPoolInfo.info.features & 1 << 7 != 0)
         #expect(throws: StorageError(.noSuchFileOrDirectory, operation: "rbd_aio_open_read_only",
                                      target: "images/\(missing)")) { try summaries[missing]?.get() }
         let namespaced = try store.describeImages(pool: "images", namespace: namespace, names: [inNamespace.name])
@@ -208,6 +216,19 @@ import Testing
         var header: [UInt8] = [1, 1, 8, 0, 0, 0]
         withUnsafeBytes(of: entryCount.littleEndian) { header.append(contentsOf: $0) }
         return [UInt8(header.count), 0, 0, 0] + header + entries + [0, 0, 0, 0]
+    }
+}
+
+/// Runs the rbd CLI on the test cluster.
+private func rbd(_ arguments: String...) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = ["rbd"] + (cephConf.map { ["--conf", $0] } ?? []) + arguments
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+        throw StorageError(.ioError, operation: "rbd \(arguments.joined(separator: " "))",
+                           target: "exit status \(process.terminationStatus)")
     }
 }
 
