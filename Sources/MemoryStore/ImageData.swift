@@ -52,6 +52,9 @@ final class ImageRecord {
     var parent: ParentLink?
     /// Oldest first (snapshot ids only grow).
     var snapshots: [SnapshotRecord] = []
+    /// The handle (its serial) holding the exclusive lock: the last one that changed the image, as librbd's
+    /// lock moves to whichever client writes.
+    var lockOwner: UInt64?
     /// Runs the I/O and completions of this image one at a time, in the order they were issued, as
     /// librbd's completions of one image never run concurrently.
     let completionQueue: DispatchQueue

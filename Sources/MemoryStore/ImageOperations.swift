@@ -37,6 +37,7 @@ extension MemoryStore {
         guard !handle.isReadOnly else {
             throw StorageError(.readOnlyFileSystem, operation: operation, target: handle.target)
         }
+        if image.features & RBDFeature.exclusiveLock != 0 { image.lockOwner = handle.serial }
         return image
     }
 

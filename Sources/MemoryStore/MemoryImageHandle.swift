@@ -142,6 +142,21 @@ final class MemoryImageHandle: ImageHandle, @unchecked Sendable {
     }
 
     /// Own objects only, as `rbd du` (diff-iterate without the parent) counts them.
+    func ownsExclusiveLock() throws -> Bool? {
+        try store.locked {
+            let (image, _) = try store.beginHandleCall(self, "rbd_is_exclusive_lock_owner")
+            guard image.features & RBDFeature.exclusiveLock != 0 else { return nil }
+            return image.lockOwner == serial
+        }
+    }
+
+    func isLockedByAnotherClient() throws -> Bool {
+        try store.locked {
+            let (image, _) = try store.beginHandleCall(self, "rbd_lock_get_owners")
+            return image.lockOwner.map { $0 != serial } ?? false
+        }
+    }
+
     func usedBytes() throws -> UInt64 {
         try store.locked {
             let operation = "rbd_diff_iterate2"

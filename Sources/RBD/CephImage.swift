@@ -155,6 +155,29 @@ public final class CephImage: ImageHandle, @unchecked Sendable {
         try image.usedBytes(size: size())
     }
 
+    // MARK: Exclusive lock
+
+    public func ownsExclusiveLock() throws -> Bool? {
+        var features: UInt64 = 0
+        try check(rbd_get_features(raw, &features), "rbd_get_features", target)
+        guard features & UInt64(RBD_FEATURE_EXCLUSIVE_LOCK) != 0 else { return nil }
+        var owner: Int32 = 0
+        try check(rbd_is_exclusive_lock_owner(raw, &owner), "rbd_is_exclusive_lock_owner", target)
+        return owner != 0
+    }
+
+    public func isLockedByAnotherClient() throws -> Bool {
+        if try ownsExclusiveLock() == true { return false }
+        var mode = RBD_LOCK_MODE_EXCLUSIVE
+        var owners = [UnsafeMutablePointer<CChar>?](repeating: nil, count: 8)
+        var count = owners.count
+        let code = rbd_lock_get_owners(raw, &mode, &owners, &count)
+        if code == -ENOENT { return false }  // nobody holds it
+        try check(code, "rbd_lock_get_owners", target)
+        rbd_lock_get_owners_cleanup(&owners, count)
+        return count > 0
+    }
+
     private func dataExtents(in range: Range<UInt64>, includingParent: Bool) throws -> [Range<UInt64>] {
         try image.dataExtents(in: range, includingParent: includingParent)
     }

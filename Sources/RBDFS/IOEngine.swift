@@ -72,6 +72,8 @@ final class OpenImage: @unchecked Sendable {
     private var writtenObjects: Set<UInt64>?
     /// Data extents for SEEK_DATA / SEEK_HOLE, dropped by every change made through this handle.
     private var cachedExtents: [Range<UInt64>]?
+    /// Whether this handle has been seen holding the image's exclusive lock (guarded by `lock`).
+    private var heldExclusiveLock = false
     /// Set when another client removed, renamed or replaced the image under its name: the files open on it
     /// answer ESTALE from then on.
     private var replaced = false
@@ -122,10 +124,43 @@ final class OpenImage: @unchecked Sendable {
     /// Starts tracking written objects: call right after creating the image, before any write.
     func trackAllocationFromEmpty() { lock.withLock { writtenObjects = [] } }
 
-    /// True when the object certainly holds no data (so writing zeros into it changes nothing).
+    /// True when this handle never wrote the object (so, if no other client did, it holds no data).
     func objectIsUnwritten(_ index: UInt64) -> Bool {
         lock.withLock { writtenObjects.map { !$0.contains(index) } ?? false }
     }
+
+    /// How far zeros into never-written objects may be skipped now (see `zeroSkipping`).
+    enum ZeroSkipping { case never, always, whereUnallocated }
+
+    /// Zero-skipping trusts that only this handle writes the image, which librbd's exclusive lock tells:
+    /// while this handle holds it, no one else writes; if it held it and lost it, someone else took it to
+    /// write, and skipping stops for good (`MultiWriterTests.zerosWrittenAfterAnotherMountsDataReplaceIt`).
+    /// Before this handle first holds it, skipping is allowed only where no other client holds it now
+    /// and the objects hold no data (asked of the cluster); with no exclusive-lock feature, never.
+    func zeroSkipping() -> ZeroSkipping {
+        guard lock.withLock({ writtenObjects != nil }) else { return .never }
+        let owns = try? handle.ownsExclusiveLock()
+        let verdict: ZeroSkipping = lock.withLock {
+            switch owns {
+            case true:
+                heldExclusiveLock = true
+                return .always
+            case false where !heldExclusiveLock:
+                return .whereUnallocated
+            default:
+                return .never
+            }
+        }
+        if verdict == .whereUnallocated, (try? handle.isLockedByAnotherClient()) != false {
+            stopZeroSkipping()
+            return .never
+        }
+        if verdict == .never { stopZeroSkipping() }
+        return verdict
+    }
+
+    /// Another client may have written the image: every write is sent from now on.
+    func stopZeroSkipping() { lock.withLock { writtenObjects = nil } }
 
     /// Records a write about to be issued.
     func noteWrite(_ range: Range<UInt64>) {
@@ -199,13 +234,21 @@ final class OpenImage: @unchecked Sendable {
     }
 
     /// Gives back the unwritten tail of a growth step, so the image ends at the last byte written.
-    func trimGrowth() throws(FSError) {
+    ///
+    /// Not if another client has taken the exclusive lock since this handle grew the image (growing took
+    /// it): that client may have written inside the step, and the trim would cut its data off. The image
+    /// then keeps the step's size. (`MultiWriterTests.anotherMountsWriteInsideTheGrowthStepSurvivesTheTrim`)
+    /// Returns false when it kept the step for that reason.
+    @discardableResult
+    func trimGrowth() throws(FSError) -> Bool {
         io.waitForEarlier()
         lock.lock()
         defer { lock.unlock() }
-        guard let size = writtenSize else { return }
-        try FSError.wrap { try handle.resize(to: size) }
+        guard let size = writtenSize else { return true }
         writtenSize = nil
+        if (try? handle.ownsExclusiveLock()) == false { return false }
+        try FSError.wrap { try handle.resize(to: size) }
+        return true
     }
 }
 
@@ -275,11 +318,31 @@ public enum IOEngine {
         }
         let pieces = ObjectExtents.split(offset: offset, length: UInt64(data.count), objectSize: image.objectSize)
         // Thin import: zeros written into an object that holds nothing change nothing, so they are not sent.
-        let sent = pieces.filter { piece in
+        var skippable = pieces.filter { piece in
             let start = Int(piece.lowerBound - offset)
             let slice = UnsafeRawBufferPointer(rebasing: data[start..<start + piece.count])
-            return !(image.objectIsUnwritten(piece.lowerBound / image.objectSize) && ZeroScan.isAllZero(slice))
+            return image.objectIsUnwritten(piece.lowerBound / image.objectSize) && ZeroScan.isAllZero(slice)
         }
+        if !skippable.isEmpty {
+            switch image.zeroSkipping() {
+            case .always:
+                break
+            case .never:
+                skippable = []
+            case .whereUnallocated:
+                let span = skippable.first!.lowerBound..<skippable.last!.upperBound
+                if let allocated = try? image.handle.allocatedExtents(in: span) {
+                    let foreign = skippable.filter { piece in allocated.contains { $0.overlaps(piece) } }
+                    if !foreign.isEmpty {
+                        image.stopZeroSkipping()  // another client's data is in objects this handle never wrote
+                        skippable = []
+                    }
+                } else {
+                    skippable = []
+                }
+            }
+        }
+        let sent = pieces.filter { !skippable.contains($0) }
         let total = data.count
         guard !sent.isEmpty else { return reply(.success(total)) }
         // Noted now, in request order: a later write of zeros must not be skipped over data still queued.

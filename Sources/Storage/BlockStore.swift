@@ -84,6 +84,12 @@ public protocol ImageHandle: AnyObject, Sendable {
     /// Bytes the image (or snapshot) really uses, as `rbd du` reports.
     func usedBytes() throws -> UInt64
 
+    /// Whether this handle holds the image's exclusive lock now (no round trip); nil when the image has no
+    /// exclusive-lock feature, so that nothing tells whether another client writes it.
+    func ownsExclusiveLock() throws -> Bool?
+    /// Whether another client holds the image's exclusive lock now (asks the cluster).
+    func isLockedByAnotherClient() throws -> Bool
+
     func createSnapshot(_ name: String) throws
     func removeSnapshot(_ name: String) throws
     func renameSnapshot(_ name: String, to newName: String) throws

@@ -176,12 +176,12 @@ struct MultiWriterTests {
         #expect(output.contains("reopened, buffered: new"), "\(output)")
     }
 
-    // MARK: - Known hazards of two mounts writing one image (SEMANTICS.md "Several writers")
+    // MARK: - Hazards of two mounts writing one image, and how rbdfs avoids them (SEMANTICS.md "Several writers")
 
     /// The mount that grows an image by writing past its end grows it a whole step ahead and trims the step back
     /// to its own last byte at fsync / close. A write another mount made inside that step in the meantime, and
-    /// fsynced, is cut off by the trim: the second writer's acknowledged data is gone. Pinned as a known issue
-    /// until the trim stops shrinking over data it did not write; when it passes, remove the wrapper.
+    /// fsynced, would be cut off by the trim. The trim is skipped when another client has taken the exclusive
+    /// lock since the growth (`OpenImage.trimGrowth`), so the second writer's data stays.
     @Test func anotherMountsWriteInsideTheGrowthStepSurvivesTheTrim() throws {
         let image = uniqueName("growtrim")
         defer { RBDCLI.purge(["images/\(image)"]) }
@@ -212,14 +212,13 @@ struct MultiWriterTests {
             print("size", len(exported), "second mount's data", "kept" if exported[2 * M:3 * M] == data else "lost")
             PY
             """)
-        withKnownIssue("the growth step's trim cuts off another client's write inside the step") {
-            #expect(output.trimmed.hasSuffix("second mount's data kept"), "\(output)")
-        }
+        #expect(output.trimmed.hasSuffix("second mount's data kept"), "\(output)")
     }
 
     /// An image created through a mount is known to start empty, so while that mount holds it open an all-zero
     /// write into an object it has not written is skipped (thin import). If another mount wrote that object
-    /// meanwhile, the zeros written last are lost and the other mount's data stays. Pinned as a known issue.
+    /// meanwhile, skipping would lose the zeros written last. Zero-skipping stops once the mount has lost the
+    /// exclusive lock to another client (`OpenImage.zeroSkipping`), so the zeros land.
     @Test func zerosWrittenAfterAnotherMountsDataReplaceIt() throws {
         let image = uniqueName("zeroskip")
         defer { RBDCLI.purge(["images/\(image)"]) }
@@ -252,8 +251,6 @@ struct MultiWriterTests {
             print("the later zeros", "landed" if exported[4 * M:5 * M] == bytes(M) else "lost")
             PY
             """)
-        withKnownIssue("zero-skipping trusts that only this mount writes an image it created") {
-            #expect(output.trimmed == "the later zeros landed", "\(output)")
-        }
+        #expect(output.trimmed == "the later zeros landed", "\(output)")
     }
 }

@@ -206,3 +206,64 @@ final class LockedBoxForTest<T>: @unchecked Sendable {
         set { lock.withLock { stored = newValue } }
     }
 }
+
+/// What another client's writes do to zero-skipping and growth trimming (the exclusive lock tells).
+@Suite struct AnotherWriterTests {
+    let mib: UInt64 = 1 << 20
+
+    @Test func zerosAreSentOnceAnotherClientHasWrittenTheImage() throws {
+        let h = try Harness()
+        let (_, file) = try h.fs.create(parent: try h.path("images"), name: "new", flags: O_RDWR | O_CREAT)
+        _ = try h.write(file, at: 0, [UInt8](repeating: 1, count: 4096))
+        try h.fsync(file)
+        // Another client writes into an object this file never wrote (taking the exclusive lock).
+        let other = try h.store.openImage(ImageSpec(pool: "images", name: "new"), snapshot: nil, readOnly: false)
+        try other.resize(to: 16 * mib)
+        let written = Outcome<Void>()
+        [UInt8](repeating: 9, count: 4096).withUnsafeBytes { data in
+            other.write(at: 8 * mib, from: data) { written.set($0.mapError { .storage($0) }) }
+        }
+        try written.wait()
+        other.close()
+        // Zeros over it must land, not be skipped as "never written".
+        _ = try h.write(file, at: 8 * mib, [UInt8](repeating: 0, count: 4096))
+        try h.fsync(file)
+        #expect(try h.read(file, at: 8 * mib, count: 4096) == [UInt8](repeating: 0, count: 4096))
+        h.fs.release(file)
+    }
+
+    @Test func zerosIntoAnotherClientsDataBeforeThisFileWroteAnythingLand() throws {
+        let h = try Harness()
+        let (_, file) = try h.fs.create(parent: try h.path("images"), name: "new", flags: O_RDWR | O_CREAT)
+        let other = try h.store.openImage(ImageSpec(pool: "images", name: "new"), snapshot: nil, readOnly: false)
+        try other.resize(to: 16 * mib)
+        let written = Outcome<Void>()
+        [UInt8](repeating: 9, count: 4096).withUnsafeBytes { data in
+            other.write(at: 4 * mib, from: data) { written.set($0.mapError { .storage($0) }) }
+        }
+        try written.wait()
+        other.close()
+        _ = try h.write(file, at: 4 * mib, [UInt8](repeating: 0, count: 4096))
+        try h.fsync(file)
+        #expect(try h.read(file, at: 4 * mib, count: 4096) == [UInt8](repeating: 0, count: 4096))
+        h.fs.release(file)
+    }
+
+    @Test func theGrowthStepIsKeptWhenAnotherClientTookTheLockMeanwhile() throws {
+        let h = try Harness()
+        let (_, file) = try h.fs.create(parent: try h.path("images"), name: "new", flags: O_RDWR | O_CREAT)
+        _ = try h.write(file, at: 0, [UInt8](repeating: 1, count: Int(mib)))  // grows the image by a step
+        let other = try h.store.openImage(ImageSpec(pool: "images", name: "new"), snapshot: nil, readOnly: false)
+        let grown = try other.size()
+        #expect(grown > mib)
+        let written = Outcome<Void>()
+        [UInt8](repeating: 9, count: 4096).withUnsafeBytes { data in
+            other.write(at: 2 * mib, from: data) { written.set($0.mapError { .storage($0) }) }
+        }
+        try written.wait()
+        try h.fsync(file)
+        #expect(try other.size() == grown)
+        other.close()
+        h.fs.release(file)
+    }
+}
