@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <stdint.h>
 // Clients of a mount (rbdfs info) read its attributes through the ordinary syscalls.
 #include <sys/xattr.h>

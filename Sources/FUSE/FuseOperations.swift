@@ -126,8 +126,10 @@ enum FuseOperations {
             let s = FuseOperations.session(request), pending = PendingRequest(request)
             s.begin(request, "write")
             let data = UnsafeRawBufferPointer(start: buffer, count: size)
-            // The file's flags now (fcntl may have changed them since open): O_DIRECT and O_SYNC wait for the OSDs.
-            let writeThrough = info.pointee.flags & (Int32(CFUSE_O_DIRECT) | O_SYNC | O_DSYNC) != 0 || !s.tuning.writeBehind
+            // The file's flags now (fcntl may have changed them since open): O_SYNC and O_DSYNC wait for the OSDs.
+            // O_DIRECT does not: it bypasses the page cache, and like a disk's write cache (and librbd's default
+            // write-around cache) what it acknowledges is durable at the next fsync / fdatasync.
+            let writeThrough = info.pointee.flags & (O_SYNC | O_DSYNC) != 0 || !s.tuning.writeBehind
             s.filesystem.write(info.pointee.fh, offset: UInt64(max(0, offset)), data: data, writeThrough: writeThrough) { result in
                 switch result {
                 case .success(let count): s.end(pending.request, 0); fuse_reply_write(pending.request, count)

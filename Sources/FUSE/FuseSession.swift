@@ -49,6 +49,7 @@ public final class FuseSession: @unchecked Sendable {
         self.filesystem = filesystem
         self.tuning = tuning
         self.logger = logger
+        filesystem.releaseIdleMemory = { _ = malloc_trim(0) }
     }
 
     /// Creates the session and mounts it. `options` are `-o` mount options (e.g. `ro`, `allow_other`).

@@ -302,9 +302,9 @@ public enum IOEngine {
     /// Writes `data` at `offset`, growing the image first when the write passes its end. `data` is copied
     /// before this returns. `reply` gets the byte count, always all of it on success.
     ///
-    /// `acknowledgeEarly` (buffered writes): the reply goes as soon as librbd has the data, and a failure
-    /// found later goes to `lateFailure` (and from there to the next flush); otherwise (O_DIRECT, O_SYNC)
-    /// the reply waits for the OSDs.
+    /// `acknowledgeEarly` (all but O_SYNC / O_DSYNC writes): the reply goes as soon as librbd has the data,
+    /// and a failure found later goes to `lateFailure` (and from there to the next flush); otherwise the
+    /// reply waits for the OSDs.
     static func write(
         _ image: OpenImage, offset: UInt64, data: UnsafeRawBufferPointer, acknowledgeEarly: Bool = false,
         lateFailure: @escaping @Sendable (FSError) -> Void = { _ in },
@@ -503,6 +503,15 @@ final class ReadBuffers: @unchecked Sendable {
         let base = lock.withLock { idle.popLast() }
             ?? UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 4096)
         return UnsafeMutableRawBufferPointer(start: base, count: count)
+    }
+
+    /// Frees every idle buffer (nothing is being read).
+    func releaseIdle() {
+        let freed = lock.withLock { () -> [UnsafeMutableRawPointer] in
+            defer { idle = [] }
+            return idle
+        }
+        for base in freed { base.deallocate() }
     }
 
     func give(_ buffer: UnsafeMutableRawBufferPointer) {
