@@ -373,18 +373,11 @@ public enum IOEngine {
 
         let range = sent.first!.lowerBound..<sent.last!.upperBound
         let bytes = sent.reduce(0) { $0 + $1.count }
-        image.io.submit(range, kind: .write, bytes: bytes, now: { done in
+        // Waits (on this FUSE worker) while earlier I/O stands in its way: the request's buffer is only valid
+        // until this returns, and a full budget is meant to slow the writer down.
+        image.io.submitBlocking(range, kind: .write, bytes: bytes) { done in
             issue(from: data, done: done)
-        }, later: {
-            // It waits behind earlier I/O: keep a copy, as the request's buffer is reused once we return.
-            let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 16)
-            copy.copyMemory(from: data)
-            let source = UncheckedBuffer(copy)
-            return { done in
-                issue(from: UnsafeRawBufferPointer(source.buffer), done: done)
-                source.buffer.deallocate()
-            }
-        })
+        }
     }
 
     /// Makes `[offset, offset+length)` read as zeros, releasing the whole objects in it (punch hole,
@@ -476,12 +469,6 @@ private final class ReadRequest: @unchecked Sendable {
             reply(.success(UnsafeRawBufferPointer(rebasing: buffer[0..<validLength])))
         }
     }
-}
-
-/// A buffer handed to another thread, which alone uses and frees it.
-struct UncheckedBuffer: @unchecked Sendable {
-    let buffer: UnsafeMutableRawBufferPointer
-    init(_ buffer: UnsafeMutableRawBufferPointer) { self.buffer = buffer }
 }
 
 /// Read buffers kept for reuse. A fresh 1 MiB buffer comes from mmap, and its first touch (librbd copying

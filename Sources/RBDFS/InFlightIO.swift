@@ -84,6 +84,28 @@ final class InFlightIO: @unchecked Sendable {
         now { self.finish(id) }
     }
 
+    /// `submit` for an operation whose arguments live only as long as this call (a FUSE request's write
+    /// buffer): runs `start` on this thread once the operation may start, blocking until then. A FUSE worker
+    /// waiting for room is the back-pressure, and the buffer stays valid without a copy. Never call it from
+    /// a completion.
+    func submitBlocking(_ range: Range<UInt64>, kind: Kind, bytes: Int = 0, start: (@escaping Done) -> Void) {
+        let gate = DispatchSemaphore(value: 0)
+        let handed = LockedBox<Done?>(nil)
+        var startedNow = false
+        submit(range, kind: kind, bytes: bytes, now: { done in
+            startedNow = true
+            start(done)
+        }, later: {
+            { done in
+                handed.value = done
+                gate.signal()
+            }
+        })
+        guard !startedNow else { return }
+        gate.wait()
+        start(handed.value!)
+    }
+
     /// Runs `body` once everything submitted before has finished; nothing submitted later starts before
     /// `body` calls its `Done`.
     func barrier(_ body: @escaping @Sendable (@escaping Done) -> Void) {
