@@ -77,9 +77,9 @@ struct ClusterFaultTests {
     /// 8 MiB the OSD is killed (SIGKILL: a crash, the mon is not told), the writer goes on with the rest, and
     /// 4 s later the OSD is started again. The writer must not finish while the OSD is down (its fsync cannot
     /// be true then), must finish without an error once it is back, and `rbd export` must be the source, byte
-    /// for byte. The mount must stay up and keep serving. (Seen here: the 24 MiB written while the OSD was dead
-    /// were all acknowledged at once from librbd's cache, `rbd_cache_max_dirty` = 24 MiB; the fsync then
-    /// waited until the OSD was back, about 7 s.)
+    /// for byte. The mount must stay up and keep serving. (Seen here: the writes made while the OSD was dead
+    /// were acknowledged at once by rbdfs's write-behind, up to its 64 MiB budget; the fsync then waited
+    /// until the OSD was back.)
     @Test func aWriteRidesOutTheOsdBeingKilledAndRestarted() throws {
         try #require(BlueStoreCluster.started)
         let image = uniqueName("osdkill")
@@ -130,17 +130,17 @@ struct ClusterFaultTests {
     }
 
     /// Runs the writer of the flush-failure tests in the background: it opens the image, writes and fsyncs
-    /// 4 KiB (which takes the exclusive lock and turns librbd's cache to writeback), waits while the test runs
+    /// 4 KiB (which takes the exclusive lock), waits while the test runs
     /// `beforeWrite` (the fault), writes 2 MiB more, which must be accepted, waits while the test runs
     /// `afterWrite`, then fsyncs and closes. Returns its exit status and one line per step ("write ok",
     /// "fsync errno N", "close ok"...).
     ///
     /// The faults are run from here, not from the writer: a process the writer started would inherit its
     /// descriptor, and the close of that copy at exec is a FUSE flush, which waits for the paused OSD.
-    func runFlushWriter(_ path: String, in work: ReliabilityScratch, beforeWrite: () throws -> Void,
+    func runFlushWriter(_ path: String, in work: ReliabilityScratch, direct: Bool = false, beforeWrite: () throws -> Void,
                         afterWrite: () throws -> Void = {}) throws -> (status: String, lines: [String]) {
         try """
-            import os, time
+            import mmap, os, time
             def wait_for(name):
                 for _ in range(1200):
                     if os.path.exists(\(pyQuote(work.path)) + '/' + name):
@@ -158,8 +158,15 @@ struct ClusterFaultTests {
             os.fsync(fd)
             open(\(pyQuote(work.file("ready"))), 'w').close()
             wait_for('faulted')
-            data = os.urandom(2 << 20)
-            step("write", lambda: os.pwrite(fd, data, (1 << 20) + 512))
+            if \(direct ? "True" : "False"):
+                # O_DIRECT: an aligned buffer and offset, through a second descriptor of the same file.
+                direct_fd = os.open(\(pyQuote(path)), os.O_RDWR | os.O_DIRECT)
+                data = mmap.mmap(-1, 2 << 20)
+                data.write(os.urandom(2 << 20))
+                step("write", lambda: os.pwritev(direct_fd, [data], 1 << 20))
+            else:
+                data = os.urandom(2 << 20)
+                step("write", lambda: os.pwrite(fd, data, (1 << 20) + 512))
             open(\(pyQuote(work.file("written"))), 'w').close()
             wait_for('go')
             step("fsync", lambda: os.fsync(fd))
@@ -184,11 +191,13 @@ struct ClusterFaultTests {
         return (status, output.split(separator: "\n").map(String.init))
     }
 
-    /// With `--io-timeout 3`: writes accepted into librbd's writeback cache, with the OSDs paused
-    /// (`ceph osd pause`) so they never reach them. The fsync must fail (ETIMEDOUT), not succeed, and the log
-    /// must have a line naming the fsync, the image and the errno. Once the cluster is back, the same file takes
-    /// a write and an fsync again, and that data is in RBD.
-    @Test func aFlushThatTimesOutAfterAcceptedWritesFailsTheFsync() throws {
+    /// With `--io-timeout 3`: a write acknowledged once librbd has it (write-behind; buffered, or O_DIRECT
+    /// through a second descriptor), with the OSDs paused (`ceph osd pause`) so it never reaches them. The
+    /// fsync must fail (ETIMEDOUT), not succeed, and the log must have a line naming the fsync, the image and
+    /// the errno. Once the cluster is back, the same file takes a write and an fsync again, and that data is
+    /// in RBD.
+    @Test(arguments: [false, true])
+    func aFlushThatTimesOutAfterAcceptedWritesFailsTheFsync(direct: Bool) throws {
         try #require(BlueStoreCluster.started)
         let image = uniqueName("flushtimeout")
         let work = try ReliabilityScratch(image)
@@ -199,7 +208,7 @@ struct ClusterFaultTests {
         }
         let mount = try self.mount(["--io-timeout", "3"])
         defer { mount.unmount() }
-        let (status, lines) = try runFlushWriter(mount.path + "/images/" + image, in: work) {
+        let (status, lines) = try runFlushWriter(mount.path + "/images/" + image, in: work, direct: direct) {
             try BlueStoreCluster.sh("ceph osd pause")
         }
         try BlueStoreCluster.sh("ceph osd unpause")
@@ -213,7 +222,7 @@ struct ClusterFaultTests {
         #expect(mount.isMounted && mount.daemonIsRunning)
     }
 
-    /// Without any timeout: writes accepted into librbd's cache while the OSDs are paused, then the client is
+    /// Without any timeout: writes acknowledged (write-behind) while the OSDs are paused, then the client is
     /// fenced (`ceph osd blocklist add` of its address, what an operator or a client breaking its lock does)
     /// and the OSDs unpaused. The OSD refuses the held writes, so they are not in RBD: the fsync must fail and
     /// say so in the log, and the daemon must keep running.

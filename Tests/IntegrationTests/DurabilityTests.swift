@@ -4,8 +4,8 @@ import Testing
 /// What fsync, fdatasync, close, SIGTERM and `rbdfs unmount` acknowledge is in RBD (issue 6, item 1;
 /// SEMANTICS.md "What fsync acknowledged is in the cluster").
 ///
-/// The hard cases kill the daemon with SIGKILL right after the acknowledgement: nothing of rbdfs or of
-/// librbd's cache survives that, so whatever `rbd export` shows afterwards was in the cluster when fsync
+/// The hard cases kill the daemon with SIGKILL right after the acknowledgement: nothing held in rbdfs or
+/// librbd survives that, so whatever `rbd export` shows afterwards was in the cluster when fsync
 /// returned. Each write is random data that crosses an object boundary, and some pass the image's end (so
 /// the growth step must be trimmed by the fsync too: `rbd info` must show exactly the bytes written).
 ///
