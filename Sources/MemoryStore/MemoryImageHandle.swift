@@ -142,6 +142,14 @@ final class MemoryImageHandle: ImageHandle, @unchecked Sendable {
     }
 
     /// Own objects only, as `rbd du` (diff-iterate without the parent) counts them.
+    func children() throws -> [ImageSpec] {
+        try store.locked {
+            let (image, snapshot) = try store.beginHandleCall(self, "rbd_list_children3")
+            guard let snapshot else { return [] }
+            return store.children(ofImage: image.id, snapshotID: snapshot.id)
+        }
+    }
+
     func ownsExclusiveLock() throws -> Bool? {
         try store.locked {
             let (image, _) = try store.beginHandleCall(self, "rbd_is_exclusive_lock_owner")

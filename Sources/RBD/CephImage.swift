@@ -72,7 +72,7 @@ public final class CephImage: ImageHandle, @unchecked Sendable {
     }
 
     /// The clones of the snapshot this handle is open at.
-    func children() throws -> [ImageSpec] {
+    public func children() throws -> [ImageSpec] {
         try image.children()
     }
 

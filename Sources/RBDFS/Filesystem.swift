@@ -363,6 +363,7 @@ public final class RBDFilesystem: @unchecked Sendable {
         let summaries = store.describeImages(pool: pool, namespace: namespace, names: shown)
         var items: [DirectoryItem] = []
         items.reserveCapacity(shown.count)
+        var snapshots: [(ImageSpec, String)] = []
         for name in shown.sorted() {
             let spec = ImageSpec(pool: pool, namespace: namespace, name: name)
             items.append(DirectoryItem(name: name, key: .image(spec), kind: .regularFile))
@@ -371,6 +372,7 @@ public final class RBDFilesystem: @unchecked Sendable {
                 cache.store(summary, for: spec)
                 for snap in summary.snapshots where Names.isRepresentable(imageName: snap.name) {
                     items.append(DirectoryItem(name: "\(name)@\(snap.name)", key: .snapshot(spec, name: snap.name), kind: .regularFile))
+                    snapshots.append((spec, snap.name))
                 }
             case .failure(let error) where error.errno == .noSuchFileOrDirectory:
                 items.removeLast()  // removed between the listing and the describe
@@ -381,7 +383,41 @@ public final class RBDFilesystem: @unchecked Sendable {
                 break
             }
         }
+        prefetchSnapshotDetails(snapshots)
         return items
+    }
+
+    /// How many snapshots of a listing have their details found at once.
+    static let snapshotPrefetchConcurrency = 16
+
+    /// Finds the link count (1 + clones) and used bytes of a listing's snapshot files, 16 at a time, into the
+    /// metadata cache. Each needs the snapshot opened (milliseconds of librbd CPU and round trips); one after
+    /// another, as `ls -l` would ask, a pool of 200 Glance images (each with its snapshot) took 3.1 s to list
+    /// against 0.5 s for `rbd ls -l`. A failure is left for the file's own lookup to report.
+    private func prefetchSnapshotDetails(_ snapshots: [(ImageSpec, String)]) {
+        let missing = snapshots.filter { spec, name in
+            let key = NodeKey.snapshot(spec, name: name)
+            return cache.children(of: key) == nil || cache.usedBytes(of: key) == nil
+        }
+        guard missing.count > 1 else { return }
+        let group = DispatchGroup()
+        let slots = DispatchSemaphore(value: Self.snapshotPrefetchConcurrency)
+        for (spec, name) in missing {
+            slots.wait()
+            group.enter()
+            DispatchQueue.global().async { [store, cache] in
+                defer {
+                    slots.signal()
+                    group.leave()
+                }
+                guard let handle = try? store.openImage(spec, snapshot: name, readOnly: true) else { return }
+                defer { handle.close() }
+                let key = NodeKey.snapshot(spec, name: name)
+                if let children = try? handle.children() { cache.store(children: children, of: key) }
+                if let used = try? handle.usedBytes() { cache.store(usedBytes: used, of: key) }
+            }
+        }
+        group.wait()
     }
 
     // MARK: - Files

@@ -84,6 +84,9 @@ public protocol ImageHandle: AnyObject, Sendable {
     /// Bytes the image (or snapshot) really uses, as `rbd du` reports.
     func usedBytes() throws -> UInt64
 
+    /// The clones of the snapshot this handle is open at (none for a head), as `BlockStore.children` gives them.
+    func children() throws -> [ImageSpec]
+
     /// Whether this handle holds the image's exclusive lock now (no round trip); nil when the image has no
     /// exclusive-lock feature, so that nothing tells whether another client writes it.
     func ownsExclusiveLock() throws -> Bool?

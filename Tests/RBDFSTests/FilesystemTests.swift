@@ -214,3 +214,34 @@ func expectErrno(_ errno: Errno, _ body: () throws -> Void, sourceLocation: Sour
         #expect(try h.fs.setattr(inode, changes: AttributeChanges(times: true)).size == mib)
     }
 }
+
+@Suite struct ListingPrefetchTests {
+    /// `ls -l` of a pool of Glance images: the link count and used bytes of every snapshot file are found
+    /// while the directory is listed (concurrently), not one snapshot at a time as readdirplus asks.
+    @Test func aListingFindsItsSnapshotsDetailsAtOnce() throws {
+        let h = try Harness { store in
+            for index in 0..<6 {
+                let spec = ImageSpec(pool: "images", name: "img\(index)")
+                try store.createImage(spec, size: 1 << 20, options: .init())
+                let image = try store.openImage(spec, snapshot: nil, readOnly: false)
+                try image.createSnapshot("snap")
+                try image.protectSnapshot("snap")
+                image.close()
+            }
+            try store.cloneImage(parent: ImageSpec(pool: "images", name: "img0"), snapshot: "snap",
+                                 child: ImageSpec(pool: "vms", name: "clone"), options: .init())
+        }
+        let items = try h.fs.directoryItems(try h.fs.openDirectory(try h.path("images")))
+        #expect(items.count == 12)
+        let childListings = h.store.callCount("rbd_list_children3")
+        #expect(childListings == 6)
+        var linkCounts: [String: UInt32] = [:]
+        for item in items {
+            let entry = try #require(h.fs.entry(forListed: item))
+            linkCounts[item.name] = entry.attributes.linkCount
+        }
+        #expect(h.store.callCount("rbd_list_children3") == childListings, "readdirplus listed children again")
+        #expect(linkCounts["img0@snap"] == 2)
+        #expect(linkCounts["img1@snap"] == 1)
+    }
+}
