@@ -402,22 +402,29 @@ public final class RBDFilesystem: @unchecked Sendable {
         guard missing.count > 1 else { return }
         let group = DispatchGroup()
         let slots = DispatchSemaphore(value: Self.snapshotPrefetchConcurrency)
+        let found = LockedBox<[(key: NodeKey, children: [ImageSpec]?, used: UInt64?)]>([])
         for (spec, name) in missing {
             slots.wait()
             group.enter()
-            DispatchQueue.global().async { [store, cache] in
+            DispatchQueue.global().async { [store] in
                 defer {
                     slots.signal()
                     group.leave()
                 }
                 guard let handle = try? store.openImage(spec, snapshot: name, readOnly: true) else { return }
                 defer { handle.close() }
-                let key = NodeKey.snapshot(spec, name: name)
-                if let children = try? handle.children() { cache.store(children: children, of: key) }
-                if let used = try? handle.usedBytes() { cache.store(usedBytes: used, of: key) }
+                let details = (key: NodeKey.snapshot(spec, name: name), children: try? handle.children(),
+                               used: try? handle.usedBytes())
+                found.withValue { $0.append(details) }
             }
         }
         group.wait()
+        // Stored together, now: stamped as each was found, the first of a large pool's would expire before
+        // readdirplus reaches them and be found again one by one.
+        for details in found.value {
+            if let children = details.children { cache.store(children: children, of: details.key) }
+            if let used = details.used { cache.store(usedBytes: used, of: details.key) }
+        }
     }
 
     // MARK: - Files

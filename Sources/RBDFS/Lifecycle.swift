@@ -407,4 +407,7 @@ final class LockedBox<Value>: @unchecked Sendable {
         get { lock.withLock { stored } }
         set { lock.withLock { stored = newValue } }
     }
+
+    /// Changes the value in place, under the lock.
+    func withValue<T>(_ body: (inout Value) -> T) -> T { lock.withLock { body(&stored) } }
 }
