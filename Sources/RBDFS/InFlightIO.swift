@@ -63,9 +63,8 @@ final class InFlightIO: @unchecked Sendable {
         submit(range, kind: kind, bytes: bytes, now: start, later: { start })
     }
 
-    /// `submit`, for an operation whose arguments live only as long as this call (a FUSE request's write
-    /// buffer): `now` runs before this returns, if the operation may start at once; otherwise `later` is
-    /// asked (with the lock held, so keep it to a copy) for what to run when it may.
+    /// `submit` with two ways to start: `now` (not escaping) runs before this returns if the operation may
+    /// start at once; otherwise `later` is asked, with the lock held, for what to run when it may.
     func submit(_ range: Range<UInt64>, kind: Kind, bytes: Int = 0,
                 now: (@escaping Done) -> Void, later: () -> @Sendable (@escaping Done) -> Void) {
         let id: UInt64? = lock.withLock {
@@ -115,7 +114,7 @@ final class InFlightIO: @unchecked Sendable {
     /// Blocks until everything submitted before has finished. For worker threads only (never from a
     /// completion): flush, resize, SEEK_DATA and close call it before they act.
     func waitForEarlier() {
-        if lock.withLock({ running.isEmpty && waiting.isEmpty }) { return }
+        if isIdle { return }
         let passed = DispatchSemaphore(value: 0)
         barrier { done in
             done()

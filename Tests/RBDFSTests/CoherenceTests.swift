@@ -51,21 +51,6 @@ final class RecordingInvalidator: KernelInvalidator, @unchecked Sendable {
         return (h, kernel)
     }
 
-    /// Another client: its own handle of the image head.
-    func elsewhere(_ h: Harness, _ spec: ImageSpec, _ change: (any ImageHandle) throws -> Void) throws {
-        let other = try h.store.openImage(spec, snapshot: nil, readOnly: false)
-        defer { other.close() }
-        try change(other)
-    }
-
-    func write(_ handle: any ImageHandle, _ bytes: [UInt8]) {
-        bytes.withUnsafeBytes { data in
-            let done = DispatchSemaphore(value: 0)
-            handle.write(at: 0, from: data) { _ in done.signal() }
-            done.wait()
-        }
-    }
-
     @Test func aResizeElsewhereReachesAnOpenFileAndTheKernel() throws {
         let (h, kernel) = try harness { store in try store.createImage(disk, size: 8 * mib, options: .init()) }
         let pool = try h.path("images")
@@ -73,7 +58,7 @@ final class RecordingInvalidator: KernelInvalidator, @unchecked Sendable {
         let file = try h.fs.open(inode, flags: O_RDONLY)
         defer { h.fs.release(file) }
         #expect(try h.fs.getattr(inode).size == 8 * mib)
-        try elsewhere(h, disk) { try $0.resize(to: 24 * mib) }
+        try h.elsewhere(disk) { try $0.resize(to: 24 * mib) }
         #expect(kernel.waitFor(.inode(inode, data: true)))
         h.fs.waitForCoherenceWork()
         #expect(kernel.calls.contains(.inode(pool, data: true)))
@@ -94,7 +79,7 @@ final class RecordingInvalidator: KernelInvalidator, @unchecked Sendable {
         defer { h.fs.release(file) }
         let old = try h.path("images", "disk@old")
         expectErrno(.noSuchFileOrDirectory) { _ = try h.path("images", "disk@new") }
-        try elsewhere(h, disk) { other in
+        try h.elsewhere(disk) { other in
             try other.createSnapshot("new")
             try other.removeSnapshot("old")
         }
@@ -146,8 +131,8 @@ final class RecordingInvalidator: KernelInvalidator, @unchecked Sendable {
         // Another client moves the image away (rbd trash mv and rbd mv both keep it open) and makes a new one.
         try h.store.renameImage(disk, to: "disk-away")
         try h.store.createImage(disk, size: 2 * mib, options: .init())
-        try elsewhere(h, disk) { other in
-            write(other, [UInt8](repeating: 2, count: 4))
+        try h.elsewhere(disk) { other in
+            try write(other, [UInt8](repeating: 2, count: 4))
         }
         #expect(kernel.waitFor(.entry(parent: pool, name: "disk")))
         h.fs.waitForCoherenceWork()
@@ -176,9 +161,9 @@ final class RecordingInvalidator: KernelInvalidator, @unchecked Sendable {
         defer { h.fs.release(old) }
         #expect(try h.read(old, at: 0, count: 2) == [0, 0])
         // The snapshot is remade elsewhere, with other data, under the same name.
-        try elsewhere(h, disk) { other in
+        try h.elsewhere(disk) { other in
             try other.removeSnapshot("s")
-            write(other, [UInt8](repeating: 5, count: 2))
+            try write(other, [UInt8](repeating: 5, count: 2))
             try other.createSnapshot("s")
         }
         h.fs.waitForCoherenceWork()
@@ -221,7 +206,7 @@ final class RecordingInvalidator: KernelInvalidator, @unchecked Sendable {
     @Test func withoutAnInvalidatorNothingIsQueuedAndNothingBreaks() throws {
         let h = try Harness { store in try store.createImage(ImageSpec(pool: "images", name: "disk"), size: mib, options: .init()) }
         let file = try h.fs.open(try h.path("images", "disk"), flags: O_RDONLY)
-        try elsewhere(h, disk) { try $0.resize(to: 2 * mib) }
+        try h.elsewhere(disk) { try $0.resize(to: 2 * mib) }
         usleep(50_000)
         h.fs.waitForCoherenceWork()
         #expect(try h.fs.getattr(try h.path("images", "disk")).size == 2 * mib)

@@ -42,6 +42,31 @@ final class Harness {
         fs.fsync(handle) { outcome.set($0) }
         try outcome.wait()
     }
+
+    /// Another client: its own handle of the image head, closed afterwards.
+    func elsewhere(_ spec: ImageSpec, _ change: (any ImageHandle) throws -> Void) throws {
+        let other = try store.openImage(spec, snapshot: nil, readOnly: false)
+        defer { other.close() }
+        try change(other)
+    }
+}
+
+/// Writes through a store handle and waits for it.
+func write(_ handle: any ImageHandle, at offset: UInt64 = 0, _ bytes: [UInt8]) throws {
+    let outcome = Outcome<Void>()
+    bytes.withUnsafeBytes { data in
+        handle.write(at: offset, from: data) { outcome.set($0.mapError { .storage($0) }) }
+    }
+    try outcome.wait()
+}
+
+/// Reads through a store handle and waits for it.
+func read(_ handle: any ImageHandle, at offset: UInt64 = 0, count: Int) throws -> [UInt8] {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)
+    defer { buffer.deallocate() }
+    let outcome = Outcome<Int>()
+    handle.read(at: offset, into: buffer) { outcome.set($0.mapError { .storage($0) }) }
+    return Array(buffer.prefix(try outcome.wait()))
 }
 
 /// Waits for one asynchronous reply.

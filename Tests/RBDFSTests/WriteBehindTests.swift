@@ -105,27 +105,21 @@ private final class Starts: @unchecked Sendable {
     @Test func waitForEarlierReturnsOnceEarlierWritesAreDone() async {
         let io = InFlightIO(), starts = Starts()
         starts.submit(io, "w", 0..<10, .write, bytes: 10)
-        let waited = LockedFlag()
+        let waited = LockedBox(false)
         let thread = Thread {
             io.waitForEarlier()
-            waited.set()
+            waited.value = true
         }
         thread.start()
         try? await Task.sleep(for: .milliseconds(100))
-        #expect(!waited.isSet)
+        #expect(!waited.value)
         starts.finish("w")
-        for _ in 0..<100 where !waited.isSet { try? await Task.sleep(for: .milliseconds(10)) }
-        #expect(waited.isSet)
+        for _ in 0..<100 where !waited.value { try? await Task.sleep(for: .milliseconds(10)) }
+        #expect(waited.value)
         io.waitForEarlier()  // idle: returns at once
     }
 }
 
-private final class LockedFlag: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value = false
-    func set() { lock.withLock { value = true } }
-    var isSet: Bool { lock.withLock { value } }
-}
 
 /// Buffered writes through the filesystem: acknowledged early, failures kept for fsync.
 @Suite struct WriteBehindTests {
@@ -166,20 +160,9 @@ private final class LockedFlag: @unchecked Sendable {
         #expect(try h.read(file, at: 0, count: Int(8 * mib)) == expected)
         try h.fsync(file)
         h.fs.release(file)
-        let handle = try h.store.openImage(ImageSpec(pool: "images", name: "disk"), snapshot: nil, readOnly: true)
-        let stored = LockedBoxForTest<[UInt8]>([])
-        let done = DispatchSemaphore(value: 0)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(8 * mib), alignment: 16)
-        defer { buffer.deallocate() }
-        let count = LockedBoxForTest(0)
-        handle.read(at: 0, into: buffer) { result in
-            if case .success(let read) = result { count.value = read }
-            done.signal()
-        }
-        done.wait()
-        stored.value = Array(buffer.prefix(count.value))
-        handle.close()
-        #expect(stored.value == expected)
+        var stored: [UInt8] = []
+        try h.elsewhere(ImageSpec(pool: "images", name: "disk")) { stored = try read($0, count: Int(8 * mib)) }
+        #expect(stored == expected)
     }
 
     @Test func aFailedBufferedWriteCancelsTheUploadSnapshot() throws {
@@ -197,16 +180,6 @@ private final class LockedFlag: @unchecked Sendable {
     }
 }
 
-final class LockedBoxForTest<T>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var stored: T
-    init(_ value: T) { stored = value }
-    var value: T {
-        get { lock.withLock { stored } }
-        set { lock.withLock { stored = newValue } }
-    }
-}
-
 /// What another client's writes do to zero-skipping and growth trimming (the exclusive lock tells).
 @Suite struct AnotherWriterTests {
     let mib: UInt64 = 1 << 20
@@ -217,14 +190,10 @@ final class LockedBoxForTest<T>: @unchecked Sendable {
         _ = try h.write(file, at: 0, [UInt8](repeating: 1, count: 4096))
         try h.fsync(file)
         // Another client writes into an object this file never wrote (taking the exclusive lock).
-        let other = try h.store.openImage(ImageSpec(pool: "images", name: "new"), snapshot: nil, readOnly: false)
-        try other.resize(to: 16 * mib)
-        let written = Outcome<Void>()
-        [UInt8](repeating: 9, count: 4096).withUnsafeBytes { data in
-            other.write(at: 8 * mib, from: data) { written.set($0.mapError { .storage($0) }) }
+        try h.elsewhere(ImageSpec(pool: "images", name: "new")) { other in
+            try other.resize(to: 16 * mib)
+            try write(other, at: 8 * mib, [UInt8](repeating: 9, count: 4096))
         }
-        try written.wait()
-        other.close()
         // Zeros over it must land, not be skipped as "never written".
         _ = try h.write(file, at: 8 * mib, [UInt8](repeating: 0, count: 4096))
         try h.fsync(file)
@@ -235,14 +204,10 @@ final class LockedBoxForTest<T>: @unchecked Sendable {
     @Test func zerosIntoAnotherClientsDataBeforeThisFileWroteAnythingLand() throws {
         let h = try Harness()
         let (_, file) = try h.fs.create(parent: try h.path("images"), name: "new", flags: O_RDWR | O_CREAT)
-        let other = try h.store.openImage(ImageSpec(pool: "images", name: "new"), snapshot: nil, readOnly: false)
-        try other.resize(to: 16 * mib)
-        let written = Outcome<Void>()
-        [UInt8](repeating: 9, count: 4096).withUnsafeBytes { data in
-            other.write(at: 4 * mib, from: data) { written.set($0.mapError { .storage($0) }) }
+        try h.elsewhere(ImageSpec(pool: "images", name: "new")) { other in
+            try other.resize(to: 16 * mib)
+            try write(other, at: 4 * mib, [UInt8](repeating: 9, count: 4096))
         }
-        try written.wait()
-        other.close()
         _ = try h.write(file, at: 4 * mib, [UInt8](repeating: 0, count: 4096))
         try h.fsync(file)
         #expect(try h.read(file, at: 4 * mib, count: 4096) == [UInt8](repeating: 0, count: 4096))
@@ -256,11 +221,7 @@ final class LockedBoxForTest<T>: @unchecked Sendable {
         let other = try h.store.openImage(ImageSpec(pool: "images", name: "new"), snapshot: nil, readOnly: false)
         let grown = try other.size()
         #expect(grown > mib)
-        let written = Outcome<Void>()
-        [UInt8](repeating: 9, count: 4096).withUnsafeBytes { data in
-            other.write(at: 2 * mib, from: data) { written.set($0.mapError { .storage($0) }) }
-        }
-        try written.wait()
+        try write(other, at: 2 * mib, [UInt8](repeating: 9, count: 4096))
         try h.fsync(file)
         #expect(try other.size() == grown)
         other.close()
