@@ -129,38 +129,32 @@ final class OpenImage: @unchecked Sendable {
         lock.withLock { writtenObjects.map { !$0.contains(index) } ?? false }
     }
 
-    /// How far zeros into never-written objects may be skipped now (see `zeroSkipping`).
-    enum ZeroSkipping { case never, always, whereUnallocated }
-
-    /// Zero-skipping trusts that only this handle writes the image, which librbd's exclusive lock tells:
-    /// while this handle holds it, no one else writes; if it held it and lost it, someone else took it to
-    /// write, and skipping stops for good (`MultiWriterTests.zerosWrittenAfterAnotherMountsDataReplaceIt`).
-    /// Before this handle first holds it, skipping is allowed only where no other client holds it now
-    /// and the objects hold no data (asked of the cluster); with no exclusive-lock feature, never.
-    func zeroSkipping() -> ZeroSkipping {
-        guard lock.withLock({ writtenObjects != nil }) else { return .never }
+    /// Which of `candidates` (all-zero pieces of a write, each into an object this handle never wrote) may
+    /// go unsent. Zero-skipping trusts that only this handle writes the image, which librbd's exclusive lock
+    /// tells: while this handle holds it, no one else writes; if it held it and lost it, someone else took
+    /// it to write, and skipping stops for good (`MultiWriterTests.zerosWrittenAfterAnotherMountsDataReplaceIt`).
+    /// Before this handle first holds it, a piece is skipped only if no other client holds the lock now and
+    /// its object holds no data (both asked of the cluster); with no exclusive-lock feature, never.
+    func zerosToSkip(among candidates: [Range<UInt64>]) -> [Range<UInt64>] {
+        guard !candidates.isEmpty, lock.withLock({ writtenObjects != nil }) else { return [] }
         let owns = try? handle.ownsExclusiveLock()
-        let verdict: ZeroSkipping = lock.withLock {
-            switch owns {
-            case true:
-                heldExclusiveLock = true
-                return .always
-            case false where !heldExclusiveLock:
-                return .whereUnallocated
-            default:
-                return .never
+        let neverHeld = lock.withLock { () -> Bool in
+            if owns == true { heldExclusiveLock = true }
+            return !heldExclusiveLock
+        }
+        if owns == true { return candidates }
+        if owns == false && neverHeld, (try? handle.isLockedByAnotherClient()) == false {
+            let span = candidates.first!.lowerBound..<candidates.last!.upperBound
+            // Not known: send these, and go on trusting the objects this handle wrote.
+            guard let allocated = try? handle.allocatedExtents(in: span) else { return [] }
+            // Another client's data in an object this handle never wrote means it writes the image too.
+            if !candidates.contains(where: { piece in allocated.contains { $0.overlaps(piece) } }) {
+                return candidates
             }
         }
-        if verdict == .whereUnallocated, (try? handle.isLockedByAnotherClient()) != false {
-            stopZeroSkipping()
-            return .never
-        }
-        if verdict == .never { stopZeroSkipping() }
-        return verdict
+        lock.withLock { writtenObjects = nil }  // another client may have written: every write is sent from now on
+        return []
     }
-
-    /// Another client may have written the image: every write is sent from now on.
-    func stopZeroSkipping() { lock.withLock { writtenObjects = nil } }
 
     /// Records a write about to be issued.
     func noteWrite(_ range: Range<UInt64>) {
@@ -318,41 +312,26 @@ public enum IOEngine {
         }
         let pieces = ObjectExtents.split(offset: offset, length: UInt64(data.count), objectSize: image.objectSize)
         // Thin import: zeros written into an object that holds nothing change nothing, so they are not sent.
-        var skippable = pieces.filter { piece in
+        let skipped = image.zerosToSkip(among: pieces.filter { piece in
             let start = Int(piece.lowerBound - offset)
             let slice = UnsafeRawBufferPointer(rebasing: data[start..<start + piece.count])
             return image.objectIsUnwritten(piece.lowerBound / image.objectSize) && ZeroScan.isAllZero(slice)
-        }
-        if !skippable.isEmpty {
-            switch image.zeroSkipping() {
-            case .always:
-                break
-            case .never:
-                skippable = []
-            case .whereUnallocated:
-                let span = skippable.first!.lowerBound..<skippable.last!.upperBound
-                if let allocated = try? image.handle.allocatedExtents(in: span) {
-                    let foreign = skippable.filter { piece in allocated.contains { $0.overlaps(piece) } }
-                    if !foreign.isEmpty {
-                        image.stopZeroSkipping()  // another client's data is in objects this handle never wrote
-                        skippable = []
-                    }
-                } else {
-                    skippable = []
-                }
-            }
-        }
-        let sent = pieces.filter { !skippable.contains($0) }
+        })
+        let sent = pieces.filter { !skipped.contains($0) }
         let total = data.count
         guard !sent.isEmpty else { return reply(.success(total)) }
         // Noted now, in request order: a later write of zeros must not be skipped over data still queued.
         for piece in sent { image.noteWrite(piece) }
 
-        @Sendable func issue(from source: UnsafeRawBufferPointer, done: @escaping InFlightIO.Done) {
+        let range = sent.first!.lowerBound..<sent.last!.upperBound
+        let bytes = sent.reduce(0) { $0 + $1.count }
+        // Waits (on this FUSE worker) while earlier I/O stands in its way: the request's buffer is only valid
+        // until this returns, and a full budget is meant to slow the writer down.
+        image.io.submitBlocking(range, kind: .write, bytes: bytes) { done in
             let gather = PieceGather(pieces: sent.count)
             for piece in sent {
                 let start = Int(piece.lowerBound - offset)
-                let slice = UnsafeRawBufferPointer(rebasing: source[start..<start + piece.count])
+                let slice = UnsafeRawBufferPointer(rebasing: data[start..<start + piece.count])
                 image.handle.write(at: piece.lowerBound, from: slice) { result in
                     var failure: StorageError?
                     if case .failure(let error) = result { failure = error }
@@ -369,14 +348,6 @@ public enum IOEngine {
             }
             // librbd copied the data: the page-cache promise holds from here.
             if acknowledgeEarly { reply(.success(total)) }
-        }
-
-        let range = sent.first!.lowerBound..<sent.last!.upperBound
-        let bytes = sent.reduce(0) { $0 + $1.count }
-        // Waits (on this FUSE worker) while earlier I/O stands in its way: the request's buffer is only valid
-        // until this returns, and a full budget is meant to slow the writer down.
-        image.io.submitBlocking(range, kind: .write, bytes: bytes) { done in
-            issue(from: data, done: done)
         }
     }
 
