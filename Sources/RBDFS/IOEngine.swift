@@ -398,9 +398,8 @@ private final class ReadRequest: @unchecked Sendable {
     private let buffer: UnsafeMutableRawBufferPointer
     private let reply: @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void
     private let done: InFlightIO.Done
+    private let gather: PieceGather
     private let lock = NSLock()
-    private var remaining: Int
-    private var firstError: StorageError?
     /// The lowest offset at which a piece came back short (the image shrank meanwhile): answer up to there.
     private var validLength: Int
 
@@ -408,7 +407,7 @@ private final class ReadRequest: @unchecked Sendable {
          reply: @escaping @Sendable (Result<UnsafeRawBufferPointer, FSError>) -> Void) {
         self.done = done
         buffer = ReadBuffers.shared.take(length)
-        remaining = pieces
+        gather = PieceGather(pieces: pieces)
         validLength = length
         self.reply = reply
     }
@@ -420,24 +419,21 @@ private final class ReadRequest: @unchecked Sendable {
     }
 
     func finish(pieceAt start: Int, length: Int, _ result: Result<Int, StorageError>) {
-        let finished: Bool = lock.withLock {
-            switch result {
-            case .success(let count) where count < length:
-                validLength = min(validLength, start + count)
-            case .success:
-                break
-            case .failure(let error):
-                if firstError == nil { firstError = error }
-            }
-            remaining -= 1
-            return remaining == 0
+        var failure: StorageError?
+        switch result {
+        case .success(let count) where count < length:
+            lock.withLock { validLength = min(validLength, start + count) }
+        case .success:
+            break
+        case .failure(let error):
+            failure = error
         }
-        guard finished else { return }
+        guard let outcome = gather.finish(failure) else { return }
         done()
-        if let error = firstError {
+        if let error = outcome {
             reply(.failure(.storage(error)))
         } else {
-            reply(.success(UnsafeRawBufferPointer(rebasing: buffer[0..<validLength])))
+            reply(.success(UnsafeRawBufferPointer(rebasing: buffer[0..<lock.withLock { validLength }])))
         }
     }
 }
