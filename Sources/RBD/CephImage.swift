@@ -169,13 +169,14 @@ public final class CephImage: ImageHandle, @unchecked Sendable {
     public func isLockedByAnotherClient() throws -> Bool {
         if try ownsExclusiveLock() == true { return false }
         var mode = RBD_LOCK_MODE_EXCLUSIVE
-        var owners = [UnsafeMutablePointer<CChar>?](repeating: nil, count: 8)
-        var count = owners.count
-        let code = rbd_lock_get_owners(raw, &mode, &owners, &count)
-        if code == -ENOENT { return false }  // nobody holds it
-        try check(code, "rbd_lock_get_owners", target)
-        rbd_lock_get_owners_cleanup(&owners, count)
-        return count > 0
+        return try withFilledArray(of: UnsafeMutablePointer<CChar>?.self, count: 4, { owners, count in
+            rbd_lock_get_owners(raw, &mode, owners, &count)
+        }) { code, owners, count in
+            if code == -ENOENT { return false }  // nobody holds it
+            try check(code, "rbd_lock_get_owners", target)
+            rbd_lock_get_owners_cleanup(owners, count)
+            return count > 0
+        }
     }
 
     private func dataExtents(in range: Range<UInt64>, includingParent: Bool) throws -> [Range<UInt64>] {
