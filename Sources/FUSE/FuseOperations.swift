@@ -370,8 +370,7 @@ extension FuseSession {
     /// opens keep the default mode, where a large read goes out as parallel requests; buffered opens keep
     /// the page cache.
     func replyOpen(_ request: fuse_req_t, handle: UInt64, direct: Bool) {
-        let flags: UInt32 = direct && tuning.parallelDirectWrites
-            ? CFUSE_FOPEN_DIRECT_IO | CFUSE_FOPEN_PARALLEL_DIRECT_WRITES : 0
+        let flags: UInt32 = direct ? CFUSE_FOPEN_DIRECT_IO | CFUSE_FOPEN_PARALLEL_DIRECT_WRITES : 0
         if CFuse_reply_open_flags(request, handle, flags) == -ENOENT {
             // The opener was interrupted and is gone: the kernel will never release this handle.
             filesystem.release(handle)

@@ -21,8 +21,6 @@ public struct FuseTuning: Sendable {
     /// The mount's readahead (its bdi's read_ahead_kb): the kernel's default 128 KiB leaves streaming reads
     /// at a fraction of what librbd gives; 4 MiB (one object) more than doubles them. nil leaves it alone.
     public var readAheadKiB: Int? = 4096
-    /// O_DIRECT opens for writing get FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES (see `replyOpen`).
-    public var parallelDirectWrites = true
     /// Buffered writes are acknowledged once librbd has them (see InFlightIO); false waits for the OSDs.
     public var writeBehind = true
 
