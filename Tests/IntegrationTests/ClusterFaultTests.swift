@@ -44,6 +44,13 @@ enum BlueStoreCluster {
         try sh("\(shellQuote(script)) \(action) --dir \(directory)", timeout: 120)
     }
 
+    /// `ceph osd pause` / `unpause`. A client obeys the pause only once it has the new OSD map, which an idle
+    /// client learns from the OSD's answer to its next operation: the flush writer sends a read first, so its
+    /// write is held for certain.
+    static func pauseOSDs(_ paused: Bool) throws {
+        try sh("ceph osd \(paused ? "pause" : "unpause")")
+    }
+
     /// Whether `rbd export` of images/IMAGE is byte-identical to `file`; prints where they differ otherwise.
     static func exportEquals(_ image: String, _ file: String) throws -> Bool {
         let result = try run("rbd export --no-progress images/\(image) - | cmp - \(shellQuote(file))", timeout: 300)
@@ -140,33 +147,51 @@ struct ClusterFaultTests {
     func runFlushWriter(_ path: String, in work: ReliabilityScratch, direct: Bool = false, beforeWrite: () throws -> Void,
                         afterWrite: () throws -> Void = {}) throws -> (status: String, lines: [String]) {
         try """
-            import mmap, os, time
+            import mmap, os, threading, time
             def wait_for(name):
                 for _ in range(1200):
                     if os.path.exists(\(pyQuote(work.path)) + '/' + name):
                         return
                     time.sleep(0.05)
                 raise SystemExit('no ' + name)
-            def step(name, call):
+            def step(name, call, expected=None):
                 try:
-                    call()
-                    print(name, "ok", flush=True)
+                    done = call()
+                    if expected is not None and done != expected:
+                        print(name, "short", done, flush=True)
+                    else:
+                        print(name, "ok", flush=True)
                 except OSError as e:
                     print(name, "errno", e.errno, flush=True)
             fd = os.open(\(pyQuote(path)), os.O_RDWR)
             assert os.pwrite(fd, os.urandom(4096), 0) == 4096
             os.fsync(fd)
+            if \(direct ? "True" : "False"):
+                # O_DIRECT: an aligned buffer and offset, through a second descriptor of the same file, opened
+                # before the fault (an open of a paused cluster's image waits too).
+                direct_fd = os.open(\(pyQuote(path)), os.O_RDWR | os.O_DIRECT)
             open(\(pyQuote(work.file("ready"))), 'w').close()
             wait_for('faulted')
+            # A read that reaches the OSD (O_DIRECT, past the page cache): its answer carries the OSD map with
+            # the pause in it, which an idle client would otherwise learn only from the answer to the write.
+            # If the client knew already, the read is held too: it is left behind in its thread after 2 s.
+            def probe():
+                try:
+                    p = os.open(\(pyQuote(path)), os.O_RDONLY | os.O_DIRECT)
+                    os.preadv(p, [mmap.mmap(-1, 4096)], 0)
+                    os.close(p)
+                except OSError:
+                    pass
+            prober = threading.Thread(target=probe, daemon=True)
+            prober.start()
+            prober.join(2)
             if \(direct ? "True" : "False"):
-                # O_DIRECT: an aligned buffer and offset, through a second descriptor of the same file.
-                direct_fd = os.open(\(pyQuote(path)), os.O_RDWR | os.O_DIRECT)
                 data = mmap.mmap(-1, 2 << 20)
                 data.write(os.urandom(2 << 20))
-                step("write", lambda: os.pwritev(direct_fd, [data], 1 << 20))
+                step("write", lambda: os.pwritev(direct_fd, [data], 1 << 20), 2 << 20)
             else:
                 data = os.urandom(2 << 20)
-                step("write", lambda: os.pwrite(fd, data, (1 << 20) + 512))
+                step("write", lambda: os.pwrite(fd, data, (1 << 20) + 512), 2 << 20)
             open(\(pyQuote(work.file("written"))), 'w').close()
             wait_for('go')
             step("fsync", lambda: os.fsync(fd))
@@ -192,7 +217,7 @@ struct ClusterFaultTests {
     }
 
     /// With `--io-timeout 3`: a write acknowledged once librbd has it (write-behind; buffered, or O_DIRECT
-    /// through a second descriptor), with the OSDs paused (`ceph osd pause`) so it never reaches them. The
+    /// through a second descriptor), with the OSDs paused (`pauseOSDs`) so it never reaches them. The
     /// fsync must fail (ETIMEDOUT), not succeed, and the log must have a line naming the fsync, the image and
     /// the errno. Once the cluster is back, the same file takes a write and an fsync again, and that data is
     /// in RBD.
@@ -203,15 +228,15 @@ struct ClusterFaultTests {
         let work = try ReliabilityScratch(image)
         try BlueStoreCluster.sh("rbd create images/\(image) --size 8M")
         defer {
-            _ = try? BlueStoreCluster.sh("ceph osd unpause")
+            _ = try? BlueStoreCluster.pauseOSDs(false)
             BlueStoreCluster.remove(image)
         }
         let mount = try self.mount(["--io-timeout", "3"])
         defer { mount.unmount() }
         let (status, lines) = try runFlushWriter(mount.path + "/images/" + image, in: work, direct: direct) {
-            try BlueStoreCluster.sh("ceph osd pause")
+            try BlueStoreCluster.pauseOSDs(true)
         }
-        try BlueStoreCluster.sh("ceph osd unpause")
+        try BlueStoreCluster.pauseOSDs(false)
         #expect(status == "0", "writer: exit \(status): \(lines)")
         #expect(lines.first == "write ok", "the write was not accepted before the flush: \(lines)")
         #expect(lines.contains("fsync errno \(ETIMEDOUT)"), "fsync of writes that never reached the OSD: \(lines)")
@@ -219,6 +244,28 @@ struct ClusterFaultTests {
         // The cluster is back: the file is writable and durable again.
         try sh("head -c \(3 * Self.mib) /dev/urandom > \(work.q("again")) && dd if=\(work.q("again")) of=\(mount.q("images/\(image)")) bs=1M conv=notrunc,fsync status=none")
         #expect(try BlueStoreCluster.run("rbd export --no-progress images/\(image) - | cmp -n \(3 * Self.mib) - \(work.q("again"))").succeeded)
+        #expect(mount.isMounted && mount.daemonIsRunning)
+    }
+
+    /// A `--sync` mount acknowledges no write before the OSDs have it: with `--io-timeout 3` and the OSDs
+    /// paused, the write itself fails with ETIMEDOUT, where write-behind accepts it and fails the fsync.
+    @Test func aSyncMountFailsTheWriteItselfWhenTheOsdsDoNotAnswer() throws {
+        try #require(BlueStoreCluster.started)
+        let image = uniqueName("syncwrite")
+        let work = try ReliabilityScratch(image)
+        try BlueStoreCluster.sh("rbd create images/\(image) --size 8M")
+        defer {
+            _ = try? BlueStoreCluster.pauseOSDs(false)
+            BlueStoreCluster.remove(image)
+        }
+        let mount = try self.mount(["--io-timeout", "3", "--sync"])
+        defer { mount.unmount() }
+        let (status, lines) = try runFlushWriter(mount.path + "/images/" + image, in: work) {
+            try BlueStoreCluster.pauseOSDs(true)
+        }
+        try BlueStoreCluster.pauseOSDs(false)
+        #expect(status == "0", "writer: exit \(status): \(lines)")
+        #expect(lines.first == "write errno \(ETIMEDOUT)", "a --sync mount accepted a write the OSDs never had: \(lines)")
         #expect(mount.isMounted && mount.daemonIsRunning)
     }
 
@@ -233,7 +280,7 @@ struct ClusterFaultTests {
         try BlueStoreCluster.sh("rbd create images/\(image) --size 8M")
         var fenced: [String] = []
         defer {
-            _ = try? BlueStoreCluster.sh("ceph osd unpause")
+            _ = try? BlueStoreCluster.pauseOSDs(false)
             for address in fenced { _ = try? BlueStoreCluster.sh("ceph osd blocklist rm \(address)") }
             BlueStoreCluster.remove(image)
         }
@@ -245,10 +292,10 @@ struct ClusterFaultTests {
             let watchers = (try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])?["watchers"] as? [[String: Any]] ?? []
             fenced = watchers.compactMap { $0["address"] as? String }
             try #require(fenced.count == 1, "watchers of the open image: \(json)")
-            try BlueStoreCluster.sh("ceph osd pause")
+            try BlueStoreCluster.pauseOSDs(true)
         }, afterWrite: {
             try BlueStoreCluster.sh("ceph osd blocklist add \(fenced[0]) 600")
-            try BlueStoreCluster.sh("ceph osd unpause")
+            try BlueStoreCluster.pauseOSDs(false)
         })
         #expect(status == "0", "writer: exit \(status): \(lines)")
         #expect(lines.first == "write ok", "the write was not accepted before the flush: \(lines)")
