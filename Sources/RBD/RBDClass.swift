@@ -1,9 +1,11 @@
 import Foundation
 import Storage
 
-/// The methods of the OSDs' `rbd` object class (`cls_rbd`) that `describeImages` reads image metadata
-/// with, without opening images: what they take and what they answer, as Ceph Pacific encodes them.
-/// librbd reads the same when it opens an image (`image::OpenRequest`, `image::RefreshRequest`).
+/// The methods of the OSDs' `rbd` object class (`cls_rbd`) that `describeImages` and `describeSnapshots`
+/// read image and snapshot metadata with, without opening images: what they take and what they answer, as
+/// Ceph Pacific encodes them. librbd reads the same when it opens an image (`image::OpenRequest`,
+/// `image::RefreshRequest`), lists a snapshot's children (`api::Image::list_children`) and diffs it against
+/// its beginning with fast-diff (`object_map::DiffRequest`).
 enum RBDClass {
     static let name = "rbd"
     /// `CEPH_NOSNAP`: the image's head rather than a snapshot.
