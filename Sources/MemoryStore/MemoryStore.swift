@@ -92,7 +92,8 @@ public final class MemoryStore: BlockStore, @unchecked Sendable {
     /// (an image name, `pool/name`, or for pool and namespace calls their target, e.g. `images`).
     /// Operations are librbd call names: `rbd_open` (which also covers `rbd_open_read_only`), `rbd_aio_read`,
     /// `rbd_aio_write`, `rbd_aio_discard`, `rbd_aio_write_zeroes`, `rbd_aio_flush`, `rbd_resize2`,
-    /// `rbd_create4`, `rbd_remove`, `rbd_snap_create`, ... (see `callCounts` for the names a test exercised).
+    /// `rbd_create4`, `rbd_remove`, `rbd_snap_create`, ... (see `callCounts` for the names a test exercised);
+    /// `describe_snapshot` stands for the metadata reads of `describeSnapshots`, one per snapshot.
     /// A fault on an asynchronous call is reported through its completion, and the call has no effect.
     public func injectFault(_ errno: Errno, operation: String, image: String? = nil, count: Int = 1) {
         guard count > 0 else { return }
@@ -280,6 +281,35 @@ public final class MemoryStore: BlockStore, @unchecked Sendable {
                 }
             }
             return summaries
+        }
+    }
+
+    /// What a handle open at each snapshot reports: its clones and used bytes. Each snapshot counts as one
+    /// `describe_snapshot` call (standing for the Ceph store's metadata reads; a fault on it fails just that
+    /// snapshot). Found by name, and failing as opening it would: ENOENT for a missing image or snapshot, or
+    /// a clone whose parent is gone.
+    public func describeSnapshots(_ snapshots: [SnapshotReference])
+        -> [SnapshotReference: Result<SnapshotDetails, StorageError>] {
+        locked {
+            let operation = "describe_snapshot"
+            var details: [SnapshotReference: Result<SnapshotDetails, StorageError>] = [:]
+            for reference in snapshots {
+                let target = reference.description
+                details[reference] = catching(operation: operation, target: target) {
+                    try beginCall(operation, spec: reference.image, target: target)
+                    let image = try imageRecord(reference.image, operation: operation, target: target)
+                    guard let snapshot = image.snapshot(named: reference.snapshot.name) else {
+                        throw StorageError(.noSuchFileOrDirectory, operation: operation, target: target)
+                    }
+                    var parent = snapshot.parent
+                    while let link = parent {
+                        parent = try parentVersion(link, operation: operation, target: target).parent
+                    }
+                    return SnapshotDetails(children: children(ofImage: image.id, snapshotID: snapshot.id),
+                                           usedBytes: image.version(of: snapshot).ownUsedBytes)
+                }
+            }
+            return details
         }
     }
 

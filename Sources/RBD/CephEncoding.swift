@@ -44,6 +44,12 @@ struct CephDecoder {
     mutating func u64(_ what: String = "u64") throws -> UInt64 { try integer(UInt64.self, what) }
     mutating func i64(_ what: String = "i64") throws -> Int64 { try integer(Int64.self, what) }
 
+    /// A reply that is one u64 (a copy of the decoder reads it, so a temporary can be asked).
+    func u64Value(_ what: String = "u64") throws -> UInt64 {
+        var copy = self
+        return try copy.u64(what)
+    }
+
     mutating func bool(_ what: String = "bool") throws -> Bool {
         switch try u8(what) {
         case 0: return false
@@ -126,6 +132,7 @@ struct CephEncoder {
     }
 
     mutating func u64(_ value: UInt64) { integer(value) }
+    mutating func i64(_ value: Int64) { integer(value) }
 
     mutating func bool(_ value: Bool) { bytes.append(value ? 1 : 0) }
 

@@ -170,7 +170,7 @@ private final class DescribeEvents: @unchecked Sendable {
 }
 
 /// One `describeImages` call's reads of image metadata objects. Everything but the librados callbacks
-/// (which only post to `events`) runs on the thread that calls `run`, so none of its state needs a lock.
+/// (see `ObjectReadLoop`) runs on the thread that calls `run`, so none of its state needs a lock.
 private final class MetadataReader {
     private let store: CephStore
     private let io: IOContext
@@ -181,10 +181,7 @@ private final class MetadataReader {
     /// The images to open instead.
     private(set) var toOpen: [String] = []
 
-    private let events = ReadEvents()
-    /// What to do when each operation in flight completes, by token.
-    private var handlers: [Int: (Int) -> Void] = [:]
-    private var nextToken = 0
+    private let reads = ObjectReadLoop()
     /// Images whose id is known, in the order found; those before `nextToRead` have been started.
     private var found: [Image] = []
     private var nextToRead = 0
@@ -192,14 +189,6 @@ private final class MetadataReader {
     private var reading = 0
     /// Pool names by id, nil for a pool that is gone.
     private var poolNames: [Int64: String?] = [:]
-
-    /// Features this reads images with: layering, exclusive-lock, object-map, fast-diff, deep-flatten,
-    /// data-pool and operations (`RBD_FEATURE_*` in `rbd/features.h`). None of them changes what is read or
-    /// how: a data pool holds only data objects, the header and object map stay in the image's pool.
-    private static let knownFeatures: UInt64 = 1 << 0 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 7 | 1 << 8
-    private static let objectMapFeatures: UInt64 = 1 << 3 | 1 << 4
-    /// `RBD_FLAG_OBJECT_MAP_INVALID`, `RBD_FLAG_FAST_DIFF_INVALID`.
-    private static let invalidObjectMapFlags: UInt64 = 1 << 0 | 1 << 1
 
     /// What is known of one image so far.
     private final class Image {
@@ -230,11 +219,7 @@ private final class MetadataReader {
     /// Reads until every image is described or left to open.
     func run() {
         lookUpIDs()
-        while !handlers.isEmpty {
-            for (token, code) in events.take() {
-                handlers.removeValue(forKey: token)!(code)
-            }
-        }
+        reads.run()
     }
 
     /// Sends `read`; `handle` runs on this thread once it completes.
@@ -242,12 +227,7 @@ private final class MetadataReader {
         _ read: ObjectClassRead, in io: IOContext, to object: String,
         then handle: @escaping (ObjectClassRead, Int) -> Void
     ) {
-        let token = nextToken
-        nextToken += 1
-        // Keeps the read (its reply buffers) and the I/O context alive until the handler has run.
-        handlers[token] = { code in withExtendedLifetime(io) { handle(read, code) } }
-        let events = self.events
-        read.submit(in: io, object: object) { code in events.post(token, code) }
+        reads.send(read, in: io, to: object, then: handle)
     }
 
     // MARK: Steps
@@ -299,14 +279,14 @@ private final class MetadataReader {
     /// Snapshots, object map and parent names, read at once; or the decision to open the image.
     private func readDetails(_ image: Image, _ header: RBDClass.Header) {
         image.header = header
-        guard header.features & ~Self.knownFeatures == 0 else { return giveUp(image) }
+        guard header.features & ~RBDClass.describableFeatures == 0 else { return giveUp(image) }
 
         // librbd's used bytes: nothing for an empty image (it is not even asked), else fast-diff from the
         // object maps when every one involved is valid; anything else takes its slow diff, left to it.
         let readsObjectMap = header.size > 0
         if readsObjectMap {
-            guard header.features & Self.objectMapFeatures == Self.objectMapFeatures,
-                  header.flags & Self.invalidObjectMapFlags == 0
+            guard header.features & RBDClass.objectMapFeatures == RBDClass.objectMapFeatures,
+                  header.flags & RBDClass.invalidObjectMapFlags == 0
             else { return giveUp(image) }
         } else {
             image.usedBytes = 0
@@ -363,7 +343,7 @@ private final class MetadataReader {
         send(read, in: io, to: RBDClass.headerObject(id: image.id)) { [self] read, code in
             // ENOENT for one: removed since the header was read; librbd would read it all again.
             if code >= 0, let snapshots = try? calls.decode(read),
-               !(checkingObjectMaps && snapshots.contains { $0.flags & Self.invalidObjectMapFlags != 0 }) {
+               !(checkingObjectMaps && snapshots.contains { $0.flags & RBDClass.invalidObjectMapFlags != 0 }) {
                 image.snapshots = snapshots
                     .filter { $0.namespaceType == RBDClass.userSnapshotNamespace }
                     .map {
@@ -444,36 +424,10 @@ private final class MetadataReader {
         return ImageSummary(info: info, snapshots: image.snapshots, usedBytes: usedBytes)
     }
 
-    /// A pool's name by id, from the cluster map librados holds; nil for a pool that is gone.
     private func poolName(_ id: Int64) -> String? {
         if let known = poolNames[id] { return known }
-        let name = try? stringFilled("rados_pool_reverse_lookup", "pool \(id)") {
-            rados_pool_reverse_lookup(store.cluster, id, $0, $1)
-        }
+        let name = store.poolName(id: id)
         poolNames[id] = .some(name)
         return name
-    }
-}
-
-/// Where librados's completions for one `describeImages` call meet the thread that runs it.
-private final class ReadEvents: @unchecked Sendable {
-    private let condition = NSCondition()
-    /// Guarded by `condition`.
-    private var completed: [(token: Int, code: Int)] = []
-
-    func post(_ token: Int, _ code: Int) {
-        condition.withLock {
-            completed.append((token, code))
-            condition.signal()
-        }
-    }
-
-    /// Waits for at least one operation to complete, and takes every one that has.
-    func take() -> [(token: Int, code: Int)] {
-        condition.withLock {
-            while completed.isEmpty { condition.wait() }
-            defer { completed = [] }
-            return completed
-        }
     }
 }

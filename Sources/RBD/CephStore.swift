@@ -130,7 +130,12 @@ public final class CephStore: BlockStore, @unchecked Sendable {
         return result
     }
 
-    private func poolNames() throws -> [String] {
+    /// A pool's name by id, from the cluster map librados holds; nil for a pool that is gone.
+    func poolName(id: Int64) -> String? {
+        try? stringFilled("rados_pool_reverse_lookup", "pool \(id)") { rados_pool_reverse_lookup(cluster, id, $0, $1) }
+    }
+
+    func poolNames() throws -> [String] {
         var capacity = 4096
         while true {
             var buffer = [CChar](repeating: 0, count: capacity)

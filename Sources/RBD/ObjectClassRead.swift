@@ -82,6 +82,60 @@ final class ObjectClassRead {
     }
 }
 
+/// Sends `ObjectClassRead`s and runs what each one's completion calls for on the one thread that calls
+/// `run`, so the code that reads metadata objects needs no locks: librados's callbacks only post here.
+final class ObjectReadLoop {
+    private let events = ReadEvents()
+    /// What to do when each read in flight completes, by token.
+    private var handlers: [Int: (Int) -> Void] = [:]
+    private var nextToken = 0
+
+    /// Sends `read` on `object`; `handle` gets it and its return value on the thread of `run`.
+    func send(
+        _ read: ObjectClassRead, in io: IOContext, to object: String,
+        then handle: @escaping (ObjectClassRead, Int) -> Void
+    ) {
+        let token = nextToken
+        nextToken += 1
+        // Keeps the read (its reply buffers) and the I/O context alive until the handler has run.
+        handlers[token] = { code in withExtendedLifetime(io) { handle(read, code) } }
+        let events = self.events
+        read.submit(in: io, object: object) { code in events.post(token, code) }
+    }
+
+    /// Runs handlers until no read is in flight; a handler may send further reads.
+    func run() {
+        while !handlers.isEmpty {
+            for (token, code) in events.take() {
+                handlers.removeValue(forKey: token)!(code)
+            }
+        }
+    }
+}
+
+/// Where librados's completions meet the thread of an `ObjectReadLoop`.
+private final class ReadEvents: @unchecked Sendable {
+    private let condition = NSCondition()
+    /// Guarded by `condition`.
+    private var completed: [(token: Int, code: Int)] = []
+
+    func post(_ token: Int, _ code: Int) {
+        condition.withLock {
+            completed.append((token, code))
+            condition.signal()
+        }
+    }
+
+    /// Waits for at least one read to complete, and takes every one that has.
+    func take() -> [(token: Int, code: Int)] {
+        condition.withLock {
+            while completed.isEmpty { condition.wait() }
+            defer { completed = [] }
+            return completed
+        }
+    }
+}
+
 /// What to do with one asynchronous librados operation's return value.
 private final class RadosCompletionContext {
     let onComplete: (Int) -> Void

@@ -1,8 +1,11 @@
+import Foundation
 import Storage
 
-/// The methods of the OSDs' `rbd` object class (`cls_rbd`) that `describeImages` reads image metadata
-/// with, without opening images: what they take and what they answer, as Ceph Pacific encodes them.
-/// librbd reads the same when it opens an image (`image::OpenRequest`, `image::RefreshRequest`).
+/// The methods of the OSDs' `rbd` object class (`cls_rbd`) that `describeImages` and `describeSnapshots`
+/// read image and snapshot metadata with, without opening images: what they take and what they answer, as
+/// Ceph Pacific encodes them. librbd reads the same when it opens an image (`image::OpenRequest`,
+/// `image::RefreshRequest`), lists a snapshot's children (`api::Image::list_children`) and diffs it against
+/// its beginning with fast-diff (`object_map::DiffRequest`).
 enum RBDClass {
     static let name = "rbd"
     /// `CEPH_NOSNAP`: the image's head rather than a snapshot.
@@ -11,6 +14,27 @@ enum RBDClass {
     static let directoryObject = "rbd_directory"
     static func headerObject(id: String) -> String { "rbd_header.\(id)" }
     static func objectMapObject(id: String) -> String { "rbd_object_map.\(id)" }
+    /// A snapshot's object map: the head's name, a dot and the snapshot id as 16 hex digits
+    /// (`ObjectMap::object_map_name`).
+    static func objectMapObject(id: String, snapshotID: UInt64) -> String {
+        let hex = String(snapshotID, radix: 16)
+        return "rbd_object_map.\(id).\(String(repeating: "0", count: max(0, 16 - hex.count)))\(hex)"
+    }
+    /// Clone v1 links, in every pool: parent snapshot → the ids of its clones in this pool.
+    static let childrenObject = "rbd_children"
+    static let trashObject = "rbd_trash"
+
+    /// `RBD_FEATURE_LAYERING`: an image without it has no clones (librbd does not look for any).
+    static let layeringFeature: UInt64 = 1 << 0
+    /// Features of images read here rather than opened: layering, exclusive-lock, object-map, fast-diff,
+    /// deep-flatten, data-pool and operations (`RBD_FEATURE_*` in `rbd/features.h`). None of them changes
+    /// what is read or how: a data pool holds only data objects, the header and object maps stay in the
+    /// image's pool.
+    static let describableFeatures: UInt64 = 1 << 0 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 7 | 1 << 8
+    /// object-map and fast-diff: with both, librbd's used bytes come from the object maps.
+    static let objectMapFeatures: UInt64 = 1 << 3 | 1 << 4
+    /// `RBD_FLAG_OBJECT_MAP_INVALID`, `RBD_FLAG_FAST_DIFF_INVALID`.
+    static let invalidObjectMapFlags: UInt64 = 1 << 0 | 1 << 1
 
     /// `RBD_PROTECTION_STATUS_PROTECTED`.
     static let protectedStatus: UInt8 = 2
@@ -24,9 +48,10 @@ enum RBDClass {
         read.call(RBDClass.name, "dir_get_id", input: CephEncoder.encoding { $0.string(imageName) }, mayFail: true)
     }
 
-    /// `dir_get_name`: an image's name by id, from `rbd_directory`.
-    static func addNameLookup(_ read: ObjectClassRead, id: String) -> Int {
-        read.call(RBDClass.name, "dir_get_name", input: CephEncoder.encoding { $0.string(id) })
+    /// `dir_get_name`: an image's name by id, from `rbd_directory`; ENOENT for an image not listed there (in
+    /// the trash, or gone). One that `mayFail` fails only itself.
+    static func addNameLookup(_ read: ObjectClassRead, id: String, mayFail: Bool = false) -> Int {
+        read.call(RBDClass.name, "dir_get_name", input: CephEncoder.encoding { $0.string(id) }, mayFail: mayFail)
     }
 
     /// The reply of `dir_get_id` or `dir_get_name`: a string.
@@ -133,6 +158,8 @@ enum RBDClass {
         var timestamp: Timestamp
         var flags: UInt64
         var protectionStatus: UInt8
+        /// How many clone v2 children the snapshot has (`children_list` names them).
+        var childCount: UInt32
     }
 
     /// `snapshot_get` for each snapshot, with what librbd reads beside it: `get_flags` and
@@ -151,20 +178,7 @@ enum RBDClass {
 
         func decode(_ read: ObjectClassRead) throws -> [Snapshot] {
             try calls.map { call in
-                var info = try RBDClass.decoder(read, call.info, "snapshot_get")
-                var snapshot = try info.structure("snapshot info", known: 1) { fields, _ in
-                    let id = try fields.u64("id")
-                    let namespaceType = try fields.structure("snapshot namespace", known: 1) { namespace, _ in
-                        try namespace.u32("namespace type")
-                    }
-                    return Snapshot(
-                        id: id, namespaceType: namespaceType, name: try fields.string("name"),
-                        size: try fields.u64("image size"), timestamp: try RBDClass.timestamp(&fields, "timestamp"),
-                        flags: 0, protectionStatus: 0)
-                }
-                guard snapshot.id == call.id else {
-                    throw CephDecodingError(description: "snapshot_get \(call.id): answered \(snapshot.id)")
-                }
+                var snapshot = try RBDClass.decodeSnapshot(read, call.info, id: call.id)
                 var flags = try RBDClass.decoder(read, call.flags, "get_flags")
                 snapshot.flags = try flags.u64("flags")
                 var protection = try RBDClass.decoder(read, call.protection, "get_protection_status")
@@ -172,6 +186,25 @@ enum RBDClass {
                 return snapshot
             }
         }
+    }
+
+    /// The reply of `snapshot_get` (`cls::rbd::SnapshotInfo`); `flags` and `protectionStatus` are left 0.
+    static func decodeSnapshot(_ read: ObjectClassRead, _ index: Int, id: UInt64) throws -> Snapshot {
+        var info = try RBDClass.decoder(read, index, "snapshot_get")
+        let snapshot = try info.structure("snapshot info", known: 1) { fields, _ in
+            let found = try fields.u64("id")
+            let namespaceType = try fields.structure("snapshot namespace", known: 1) { namespace, _ in
+                try namespace.u32("namespace type")
+            }
+            return Snapshot(
+                id: found, namespaceType: namespaceType, name: try fields.string("name"),
+                size: try fields.u64("image size"), timestamp: try RBDClass.timestamp(&fields, "timestamp"),
+                flags: 0, protectionStatus: 0, childCount: try fields.u32("child count"))
+        }
+        guard snapshot.id == id else {
+            throw CephDecodingError(description: "snapshot_get \(id): answered \(snapshot.id)")
+        }
+        return snapshot
     }
 
     /// `snapshot_get` alone: a snapshot's name (any namespace), e.g. a clone's parent snapshot.
@@ -188,6 +221,123 @@ enum RBDClass {
             }
             _ = try fields.structure("snapshot namespace", known: 1) { _, _ in () }
             return try fields.string("name")
+        }
+    }
+
+    // MARK: Snapshot details
+
+    /// What `describeSnapshots` reads of an image's header beside each snapshot's object map: the image's
+    /// order and features, and per snapshot what `SnapshotDetailCalls` answers.
+    struct SnapshotDetailHeader {
+        var order: Int
+        var features: UInt64
+        /// Per snapshot id: its `snapshot_get`, its flags and its clone v2 children; none where one of them
+        /// failed (a snapshot removed since it was listed, or a reply that does not decode).
+        var snapshots: [UInt64: SnapshotDetail]
+    }
+
+    struct SnapshotDetail {
+        var snapshot: Snapshot
+        var flags: UInt64
+        var children: [ChildSpec]
+    }
+
+    /// A clone v2 child of a snapshot (`cls::rbd::ChildImageSpec`).
+    struct ChildSpec: Hashable {
+        var poolID: Int64
+        var namespace: String
+        var imageID: String
+    }
+
+    /// Where each call of a `SnapshotDetailHeader` read is in the operation (on `rbd_header.<id>`).
+    struct SnapshotDetailCalls {
+        private let size, features: Int
+        private let calls: [(id: UInt64, info: Int, flags: Int, children: Int)]
+
+        /// The head's size and features may not fail (a missing header fails the whole read); each
+        /// snapshot's calls may, on their own.
+        init(adding read: ObjectClassRead, ids: [UInt64]) {
+            let head = CephEncoder.encoding { $0.u64(RBDClass.head) }
+            size = read.call(RBDClass.name, "get_size", input: head)
+            features = read.call(RBDClass.name, "get_features", input: CephEncoder.encoding {
+                $0.u64(RBDClass.head)
+                $0.bool(true)
+            })
+            calls = ids.map { id in
+                let input = CephEncoder.encoding { $0.u64(id) }
+                return (id, read.call(RBDClass.name, "snapshot_get", input: input, mayFail: true),
+                        read.call(RBDClass.name, "get_flags", input: input, mayFail: true),
+                        read.call(RBDClass.name, "children_list", input: input, mayFail: true))
+            }
+        }
+
+        func decode(_ read: ObjectClassRead) throws -> SnapshotDetailHeader {
+            var sizeReply = try RBDClass.decoder(read, size, "get_size")
+            let order = try sizeReply.u8("order")
+            guard (12...63).contains(order) else {
+                throw CephDecodingError(description: "get_size: order \(order)")
+            }
+            var featuresReply = try RBDClass.decoder(read, features, "get_features")
+            let imageFeatures = try featuresReply.u64("features")
+            var snapshots: [UInt64: SnapshotDetail] = [:]
+            for call in calls {
+                // One that fails is left out: that snapshot is opened instead.
+                snapshots[call.id] = try? SnapshotDetail(
+                    snapshot: RBDClass.decodeSnapshot(read, call.info, id: call.id),
+                    flags: RBDClass.decoder(read, call.flags, "get_flags").u64Value("flags"),
+                    children: RBDClass.decodeChildren(read, call.children))
+            }
+            return SnapshotDetailHeader(order: Int(order), features: imageFeatures, snapshots: snapshots)
+        }
+    }
+
+    /// The reply of `children_list`: a set of `cls::rbd::ChildImageSpec`. ENOENT and EOPNOTSUPP mean none,
+    /// as librbd takes them.
+    private static func decodeChildren(_ read: ObjectClassRead, _ index: Int) throws -> [ChildSpec] {
+        if case .failure(let code) = read.reply(index), code.value == -ENOENT || code.value == -EOPNOTSUPP {
+            return []
+        }
+        var reply = try RBDClass.decoder(read, index, "children_list")
+        return try reply.array("children") { element in
+            try element.structure("child image spec", known: 2) { fields, version in
+                let poolID = try fields.i64("pool id")
+                let imageID = try fields.string("image id")
+                return ChildSpec(poolID: poolID, namespace: version >= 2 ? try fields.string("namespace") : "",
+                                 imageID: imageID)
+            }
+        }
+    }
+
+    /// `get_children` on `rbd_children`: the ids of the clone v1 children, in the pool (and namespace) of
+    /// the object, of one parent snapshot. ENOENT when it has none there.
+    static func addV1ChildrenLookup(_ read: ObjectClassRead, parentPoolID: Int64, parentImageID: String,
+                                    snapshotID: UInt64) -> Int {
+        read.call(RBDClass.name, "get_children", input: CephEncoder.encoding {
+            $0.i64(parentPoolID)
+            $0.string(parentImageID)
+            $0.u64(snapshotID)
+        }, mayFail: true)
+    }
+
+    /// The reply of `get_children`: a set of strings.
+    static func decodeStringSet(_ reply: [UInt8]) throws -> [String] {
+        var decoder = CephDecoder(reply)
+        return try decoder.array("image ids") { try $0.string("image id") }
+    }
+
+    /// `trash_get` on `rbd_trash`: an image in the trash, by id; ENOENT for one that is not there.
+    static func addTrashLookup(_ read: ObjectClassRead, id: String) -> Int {
+        read.call(RBDClass.name, "trash_get", input: CephEncoder.encoding { $0.string(id) }, mayFail: true)
+    }
+
+    /// `RBD_TRASH_IMAGE_SOURCE_REMOVING`: an image being removed, which librbd does not count as in the trash.
+    static let trashSourceRemoving: UInt8 = 3
+
+    /// The start of a `cls::rbd::TrashImageSpec`: why the image is in the trash, and its name.
+    static func decodeTrashEntry(_ reply: [UInt8]) throws -> (source: UInt8, name: String) {
+        var decoder = CephDecoder(reply)
+        return try decoder.structure("trash image spec", known: 2) { fields, _ in
+            (try fields.u8("source"), try fields.string("name"))
         }
     }
 

@@ -363,7 +363,7 @@ public final class RBDFilesystem: @unchecked Sendable {
         let summaries = store.describeImages(pool: pool, namespace: namespace, names: shown)
         var items: [DirectoryItem] = []
         items.reserveCapacity(shown.count)
-        var snapshots: [(ImageSpec, String)] = []
+        var snapshots: [SnapshotReference] = []
         for name in shown.sorted() {
             let spec = ImageSpec(pool: pool, namespace: namespace, name: name)
             items.append(DirectoryItem(name: name, key: .image(spec), kind: .regularFile))
@@ -372,7 +372,7 @@ public final class RBDFilesystem: @unchecked Sendable {
                 cache.store(summary, for: spec)
                 for snap in summary.snapshots where Names.isRepresentable(imageName: snap.name) {
                     items.append(DirectoryItem(name: "\(name)@\(snap.name)", key: .snapshot(spec, name: snap.name), kind: .regularFile))
-                    snapshots.append((spec, snap.name))
+                    snapshots.append(SnapshotReference(image: spec, imageID: summary.info.id, snapshot: snap))
                 }
             case .failure(let error) where error.errno == .noSuchFileOrDirectory:
                 items.removeLast()  // removed between the listing and the describe
@@ -387,43 +387,24 @@ public final class RBDFilesystem: @unchecked Sendable {
         return items
     }
 
-    /// How many snapshots of a listing have their details found at once.
-    static let snapshotPrefetchConcurrency = 16
-
-    /// Finds the link count (1 + clones) and used bytes of a listing's snapshot files, 16 at a time, into the
-    /// metadata cache. Each needs the snapshot opened (milliseconds of librbd CPU and round trips); one after
-    /// another, as `ls -l` would ask, a pool of 200 Glance images (each with its snapshot) took 3.1 s to list
-    /// against 0.5 s for `rbd ls -l`. A failure is left for the file's own lookup to report.
-    private func prefetchSnapshotDetails(_ snapshots: [(ImageSpec, String)]) {
-        let missing = snapshots.filter { spec, name in
-            let key = NodeKey.snapshot(spec, name: name)
+    /// Finds the link count (1 + clones) and used bytes of a listing's snapshot files, all in one call of the
+    /// store, into the metadata cache. The Ceph store reads them from metadata objects; opening each snapshot
+    /// instead cost milliseconds of librbd CPU and round trips each (a pool of 600 Glance images, each with its
+    /// snapshot, listed in 3.5 s against 1.4 s for `rbd ls -l`), and one after another, as readdirplus asks,
+    /// far more. A failure is left for the file's own lookup to report.
+    private func prefetchSnapshotDetails(_ snapshots: [SnapshotReference]) {
+        let missing = snapshots.filter { reference in
+            let key = NodeKey.snapshot(reference.image, name: reference.snapshot.name)
             return cache.children(of: key) == nil || cache.usedBytes(of: key) == nil
         }
-        guard missing.count > 1 else { return }
-        let group = DispatchGroup()
-        let slots = DispatchSemaphore(value: Self.snapshotPrefetchConcurrency)
-        let found = LockedBox<[(key: NodeKey, children: [ImageSpec]?, used: UInt64?)]>([])
-        for (spec, name) in missing {
-            slots.wait()
-            group.enter()
-            DispatchQueue.global().async { [store] in
-                defer {
-                    slots.signal()
-                    group.leave()
-                }
-                guard let handle = try? store.openImage(spec, snapshot: name, readOnly: true) else { return }
-                defer { handle.close() }
-                let details = (key: NodeKey.snapshot(spec, name: name), children: try? handle.children(),
-                               used: try? handle.usedBytes())
-                found.withValue { $0.append(details) }
-            }
-        }
-        group.wait()
-        // Stored together, now: stamped as each was found, the first of a large pool's would expire before
-        // readdirplus reaches them and be found again one by one.
-        for details in found.value {
-            if let children = details.children { cache.store(children: children, of: details.key) }
-            if let used = details.used { cache.store(usedBytes: used, of: details.key) }
+        guard !missing.isEmpty else { return }
+        // Stored together, once all are found: stamped as each was found, the first of a large pool's would
+        // expire before readdirplus reaches them and be found again one by one.
+        for (reference, result) in store.describeSnapshots(missing) {
+            guard case .success(let details) = result else { continue }
+            let key = NodeKey.snapshot(reference.image, name: reference.snapshot.name)
+            cache.store(children: details.children, of: key)
+            cache.store(usedBytes: details.usedBytes, of: key)
         }
     }
 

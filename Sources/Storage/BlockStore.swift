@@ -24,6 +24,11 @@ public protocol BlockStore: AnyObject, Sendable {
     /// The Ceph store opens them concurrently, which is what keeps `ls -l` of a large pool fast.
     func describeImages(pool: String, namespace: String, names: [String]) -> [String: Result<ImageSummary, StorageError>]
 
+    /// The clones and used bytes of many snapshots at once, as a handle open at each would report them; one
+    /// failure does not fail the rest. The Ceph store reads them from metadata objects rather than opening
+    /// every snapshot, which is what keeps `ls -l` of a pool of Glance images (each with its snapshot) fast.
+    func describeSnapshots(_ snapshots: [SnapshotReference]) -> [SnapshotReference: Result<SnapshotDetails, StorageError>]
+
     /// Opens an image (snapshot nil) or one of its user snapshots (always read-only).
     func openImage(_ spec: ImageSpec, snapshot: String?, readOnly: Bool) throws -> any ImageHandle
     /// Creates a format-2 image.

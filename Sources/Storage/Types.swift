@@ -134,6 +134,37 @@ public struct ImageSummary: Hashable, Sendable {
     }
 }
 
+/// A user snapshot as a listing found it (`BlockStore.describeImages`): enough to find its details
+/// without opening it.
+public struct SnapshotReference: Hashable, Sendable, CustomStringConvertible {
+    public var image: ImageSpec
+    /// The image's id (`ImageInfo.id`).
+    public var imageID: String
+    public var snapshot: SnapshotInfo
+
+    public init(image: ImageSpec, imageID: String, snapshot: SnapshotInfo) {
+        self.image = image
+        self.imageID = imageID
+        self.snapshot = snapshot
+    }
+
+    /// `pool/image@snap`.
+    public var description: String { image.describing(snapshot: snapshot.name) }
+}
+
+/// What a listing shows of a snapshot beyond its `SnapshotInfo`: its link count and its blocks.
+public struct SnapshotDetails: Hashable, Sendable {
+    /// Its clones, as `BlockStore.children(of:snapshot:)` lists them (clones in the trash left out).
+    public var children: [ImageSpec]
+    /// The bytes it holds, as `ImageHandle.usedBytes()` of a handle open at it reports them.
+    public var usedBytes: UInt64
+
+    public init(children: [ImageSpec], usedBytes: UInt64) {
+        self.children = children
+        self.usedBytes = usedBytes
+    }
+}
+
 /// How a new image is made. nil means "the cluster's default" (`rbd_default_features`, 4 MiB objects).
 public struct ImageCreateOptions: Hashable, Sendable {
     public var objectSize: UInt64?

@@ -572,6 +572,63 @@ struct ConventionsTests {
         #expect(row?.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first == "3", "\(row ?? "")")
     }
 
+    /// `ls -l` of a pool of Glance images finds its snapshot files' link counts and blocks from metadata
+    /// objects rather than by opening every snapshot: each must still be what librbd says, 1 + `rbd children`
+    /// and the data of `rbd diff --whole-object`, whether the clones are v1, v2, in the trash or none, and
+    /// whether or not the image has an object map (which it needs to be read without opening).
+    @Test func aListingShowsEachSnapshotsClonesAndBlocksAsLibrbdCountsThem() throws {
+        let pool = uniqueName("glance")
+        try sh("ceph osd pool create \(pool) 8 >/dev/null 2>&1 && rbd pool init \(pool)")
+        defer { _ = try? run("ceph osd pool rm \(pool) \(pool) --yes-i-really-really-mean-it") }
+        let write = "rbd bench --io-type write --io-size 1M --io-pattern seq --io-total"
+        try sh("""
+            set -e
+            for image in alone v2 v1 trashed no-map; do
+                features=""; [ $image = no-map ] && features="--image-feature layering"
+                rbd create \(pool)/$image --size 16M --object-size 1M $features
+            done
+            \(write) 2M \(pool)/alone >/dev/null
+            \(write) 1M \(pool)/no-map >/dev/null
+            for image in alone v2 v1 trashed no-map; do
+                rbd snap create \(pool)/$image@snap >/dev/null 2>&1 && rbd snap protect \(pool)/$image@snap
+            done
+            \(write) 3M \(pool)/alone >/dev/null
+            rbd clone --rbd-default-clone-format 2 \(pool)/v2@snap \(pool)/v2-a
+            rbd clone --rbd-default-clone-format 2 \(pool)/v2@snap \(pool)/v2-b
+            rbd clone --rbd-default-clone-format 1 \(pool)/v1@snap \(pool)/v1-a
+            rbd clone --rbd-default-clone-format 2 \(pool)/v1@snap \(pool)/v1-b
+            rbd clone --rbd-default-clone-format 2 \(pool)/trashed@snap \(pool)/trashed-a
+            rbd trash mv \(pool)/trashed-a
+            rbd clone --rbd-default-clone-format 1 \(pool)/no-map@snap \(pool)/no-map-a
+            """)
+        let mount = try MountedRBDFS()
+        defer { mount.unmount() }
+        // Blocks in 512-byte units (st_blocks), then mode, links, ..., name.
+        let rows = try sh("ls -ls --block-size=512 \(mount.q(pool))").split(separator: "\n")
+        var shown: [String: (blocks: Int, links: Int)] = [:]
+        for row in rows {
+            let fields = row.split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.count > 3, let blocks = Int(fields[0]), let links = Int(fields[2]) else { continue }
+            shown[String(fields.last!)] = (blocks, links)
+        }
+        for image in ["alone", "v2", "v1", "trashed", "no-map"] {
+            let snapshot = "\(pool)/\(image)@snap"
+            let children = try sh("rbd children \(snapshot)").split(separator: "\n").count
+            let extents = try JSONSerialization.jsonObject(
+                with: Data(try sh("rbd diff --whole-object --format json \(snapshot)").utf8)) as? [[String: Any]] ?? []
+            let dataBytes = extents.filter { "\($0["exists"] ?? "")" == "true" }
+                .reduce(0) { $0 + (($1["length"] as? Int) ?? 0) }
+            #expect(shown["\(image)@snap"]?.links == 1 + children, "\(snapshot)")
+            #expect(shown["\(image)@snap"]?.blocks == (dataBytes + 511) / 512, "\(snapshot)")
+        }
+        #expect(shown["v2@snap"]?.links == 3 && shown["v1@snap"]?.links == 3 && shown["trashed@snap"]?.links == 1)
+        #expect(shown["alone@snap"]?.blocks == 2 * 2048 && shown["alone"]?.blocks == 3 * 2048,
+                "objects 0 and 1 at the snapshot, 0 to 2 in the head")
+        // Only the snapshot of the image without an object map was opened.
+        let log = (try? String(contentsOfFile: mount.logFile, encoding: .utf8)) ?? ""
+        #expect(log.contains("4 snapshots described from their metadata, opening 1: \(pool)/no-map@snap"), "\(log.suffix(2000))")
+    }
+
     @Test func xattrsAreWhatRbdInfoSays() throws {
         let image = uniqueName("xattr")
         try sh("""

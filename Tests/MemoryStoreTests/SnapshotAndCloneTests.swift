@@ -283,3 +283,47 @@ func makeProtectedBase(_ store: MemoryStore) async throws -> any ImageHandle {
         #expect(try store.children(of: base, snapshot: "snap") == [])
     }
 }
+
+@Suite struct SnapshotDetailsTests {
+    /// `describeSnapshots` reports, for many snapshots at once, what a handle open at each reports.
+    @Test func describesSnapshotsAsTheirHandlesReportThem() async throws {
+        let store = makeStore()
+        let head = try await makeProtectedBase(store)
+        defer { head.close() }
+        try await head.discard(at: 0, length: 2 * 4096)
+        try head.createSnapshot("later")
+        let clones = [ImageSpec(pool: "vms", name: "b"), ImageSpec(pool: "images", name: "a")]
+        for clone in clones {
+            try store.cloneImage(parent: base, snapshot: "snap", child: clone, options: smallObjects)
+        }
+        let summary = try #require(try store.describeImages(pool: "images", namespace: "", names: ["base"])["base"]?.get())
+        var references = summary.snapshots.map { SnapshotReference(image: base, imageID: summary.info.id, snapshot: $0) }
+        let gone = SnapshotReference(image: base, imageID: summary.info.id,
+                                     snapshot: SnapshotInfo(id: 99, name: "gone", size: 0, timestamp: .zero,
+                                                            isProtected: false))
+        references.append(gone)
+
+        let details = store.describeSnapshots(references)
+        #expect(details.count == 3)
+        for reference in references.dropLast() {
+            let handle = try store.openImage(base, snapshot: reference.snapshot.name, readOnly: true)
+            defer { handle.close() }
+            #expect(try details[reference]?.get() == SnapshotDetails(children: try handle.children(),
+                                                                    usedBytes: try handle.usedBytes()))
+        }
+        #expect(try details[references[0]]?.get() == SnapshotDetails(children: clones.reversed(), usedBytes: 4 * 4096))
+        #expect(try details[references[1]]?.get() == SnapshotDetails(children: [], usedBytes: 2 * 4096))
+        #expect(throws: StorageError(.noSuchFileOrDirectory, operation: "describe_snapshot", target: "images/base@gone")) {
+            try details[gone]?.get()
+        }
+        #expect(store.callCount("describe_snapshot") == 3)
+
+        // A fault fails only the snapshot it names.
+        store.injectFault(.ioError, operation: "describe_snapshot", image: "images/base@later")
+        let faulted = store.describeSnapshots(Array(references.prefix(2)))
+        #expect(try faulted[references[0]]?.get().usedBytes == 4 * 4096)
+        #expect(throws: StorageError(.ioError, operation: "describe_snapshot", target: "images/base@later")) {
+            try faulted[references[1]]?.get()
+        }
+    }
+}

@@ -241,14 +241,23 @@ func expectErrno(_ errno: Errno, _ body: () throws -> Void, sourceLocation: Sour
 }
 
 @Suite struct ListingPrefetchTests {
-    /// `ls -l` of a pool of Glance images: the link count and used bytes of every snapshot file are found
-    /// while the directory is listed (concurrently), not one snapshot at a time as readdirplus asks.
-    @Test func aListingFindsItsSnapshotsDetailsAtOnce() throws {
-        let h = try Harness { store in
+    let mib: UInt64 = 1 << 20
+
+    /// Six Glance images (each with its protected snapshot `snap`): img0's snapshot has a clone, img2's holds
+    /// two objects of data.
+    private func glanceImages() throws -> Harness {
+        try Harness { store in
             for index in 0..<6 {
                 let spec = ImageSpec(pool: "images", name: "img\(index)")
-                try store.createImage(spec, size: 1 << 20, options: .init())
+                try store.createImage(spec, size: 4 * mib, options: .init(objectSize: mib))
                 let image = try store.openImage(spec, snapshot: nil, readOnly: false)
+                if index == 2 {
+                    let written = Outcome<Void>()
+                    [UInt8](repeating: 7, count: Int(mib + 10)).withUnsafeBytes { data in
+                        image.write(at: mib, from: data) { written.set($0.mapError { FSError.storage($0) }) }
+                    }
+                    try written.wait()
+                }
                 try image.createSnapshot("snap")
                 try image.protectSnapshot("snap")
                 image.close()
@@ -256,17 +265,46 @@ func expectErrno(_ errno: Errno, _ body: () throws -> Void, sourceLocation: Sour
             try store.cloneImage(parent: ImageSpec(pool: "images", name: "img0"), snapshot: "snap",
                                  child: ImageSpec(pool: "vms", name: "clone"), options: .init())
         }
+    }
+
+    /// `ls -l` of a pool of Glance images: the link count and used bytes of every snapshot file are found
+    /// while the directory is listed, in one call of the store (which reads them without opening the
+    /// snapshots), not one snapshot at a time as readdirplus asks.
+    @Test func aListingFindsItsSnapshotsDetailsAtOnce() throws {
+        let h = try glanceImages()
+        h.store.resetCallCounts()
         let items = try h.fs.directoryItems(try h.fs.openDirectory(try h.path("images")))
         #expect(items.count == 12)
-        let childListings = h.store.callCount("rbd_list_children3")
-        #expect(childListings == 6)
-        var linkCounts: [String: UInt32] = [:]
+        #expect(h.store.callCount("describe_snapshot") == 6)
+        #expect(h.store.callCount("rbd_list_children3") == 0 && h.store.callCount("rbd_diff_iterate2") == 0)
+        let afterListing = h.store.callCounts
+        var attributes: [String: FileAttributes] = [:]
         for item in items {
-            let entry = try #require(h.fs.entry(forListed: item))
-            linkCounts[item.name] = entry.attributes.linkCount
+            attributes[item.name] = try #require(h.fs.entry(forListed: item)).attributes
         }
-        #expect(h.store.callCount("rbd_list_children3") == childListings, "readdirplus listed children again")
-        #expect(linkCounts["img0@snap"] == 2)
-        #expect(linkCounts["img1@snap"] == 1)
+        #expect(h.store.callCounts == afterListing, "readdirplus asked the store again")
+        #expect(attributes["img0@snap"]?.linkCount == 2)
+        #expect(attributes["img1@snap"]?.linkCount == 1)
+        #expect(attributes["img2@snap"]?.blocks == 2 * mib / 512)
+        #expect(attributes["img1@snap"]?.blocks == 0)
+        let children = try h.fs.extendedAttribute(try h.path("images", "img0@snap"), name: "user.rbd.children")
+        #expect(String(decoding: children, as: UTF8.self) == "vms/clone\n")
+        #expect(h.store.callCount("rbd_list_children3") == 0, "the children were not kept from the listing")
+    }
+
+    /// A snapshot whose details the store could not find is listed all the same, and its own lookup finds
+    /// them by opening it, as before.
+    @Test func aSnapshotWhoseDetailsFailedIsFoundByItsLookup() throws {
+        let h = try glanceImages()
+        h.store.injectFault(.ioError, operation: "describe_snapshot", image: "images/img0@snap")
+        let items = try h.fs.directoryItems(try h.fs.openDirectory(try h.path("images")))
+        #expect(items.count == 12)
+        h.store.resetCallCounts()
+        let snapshot = try #require(items.first { $0.name == "img0@snap" })
+        #expect(h.fs.entry(forListed: snapshot)?.attributes.linkCount == 2)
+        #expect(h.store.callCount("rbd_list_children3") == 1)
+        let other = try #require(items.first { $0.name == "img2@snap" })
+        #expect(h.fs.entry(forListed: other)?.attributes.blocks == 2 * mib / 512)
+        #expect(h.store.callCount("rbd_diff_iterate2") == 1, "only the failed snapshot was opened")
     }
 }

@@ -100,3 +100,50 @@ final class Counter: @unchecked Sendable {
         return value >= target
     }
 }
+
+/// Runs the rbd CLI on the test cluster.
+func rbd(_ arguments: String...) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = ["rbd"] + (cephConf.map { ["--conf", $0] } ?? []) + arguments
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+        throw StorageError(.ioError, operation: "rbd \(arguments.joined(separator: " "))",
+                           target: "exit status \(process.terminationStatus)")
+    }
+}
+
+/// Images a test made, removed (those in the trash first, then snapshots, clones before their parents) when
+/// it ends, then the namespaces it made.
+final class Cleanup: @unchecked Sendable {
+    private var specs: [ImageSpec] = []
+    private var namespaces: [(pool: String, name: String)] = []
+    private var trashed: [(pool: String, id: String)] = []
+
+    func add(_ spec: ImageSpec) { specs.append(spec) }
+
+    /// An image moved to the trash, removed from there first (a clone there still holds its parent).
+    func add(trashedID id: String, pool: String) { trashed.append((pool, id)) }
+
+    func add(namespace: String, pool: String) { namespaces.append((pool, namespace)) }
+
+    func removeAll() {
+        for image in trashed {
+            try? rbd("trash", "rm", "--pool", image.pool, image.id)
+        }
+        for spec in specs.reversed() {
+            if let head = try? store.openImage(spec, snapshot: nil, readOnly: false) {
+                for snapshot in (try? head.snapshots()) ?? [] {
+                    if snapshot.isProtected { try? head.unprotectSnapshot(snapshot.name) }
+                    try? head.removeSnapshot(snapshot.name)
+                }
+                head.close()
+            }
+            try? store.removeImage(spec)
+        }
+        for namespace in namespaces {
+            try? store.removeNamespace(pool: namespace.pool, name: namespace.name)
+        }
+    }
+}
