@@ -82,8 +82,20 @@ public final class CephStore: BlockStore, @unchecked Sendable {
             throw error
         }
         let store = CephStore(cluster: cluster, logger: logger)
+        store.waitForMonitorMap(within: timeout)
         logger.debug("connected to Ceph cluster", metadata: ["fsid": "\((try? store.fsid()) ?? "?")"])
         return store
+    }
+
+    static let unknownFSID = "00000000-0000-0000-0000-000000000000"
+
+    /// `rados_connect` may return before the monitor's map has arrived; until it does, the cluster's fsid
+    /// reads as zeros (seen about one connection in twenty on a busy machine). Waits for it, briefly.
+    private func waitForMonitorMap(within seconds: Double) {
+        let deadline = Date().addingTimeInterval(min(seconds, 10))
+        while (try? fsid()) == Self.unknownFSID && Date() < deadline {
+            usleep(5_000)
+        }
     }
 
     /// Drops the cached I/O contexts and the cluster connection; a second call does nothing. Close every
