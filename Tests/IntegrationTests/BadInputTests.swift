@@ -168,7 +168,8 @@ struct BadInputTests {
 
     @Test func rmdirOfAPoolThatHoldsAnImageIsENOTEMPTY() throws {
         let pool = uniqueName("badpool")
-        try sh("ceph osd pool create \(pool) 8 >/dev/null 2>&1 && rbd pool init \(pool) && rbd create \(pool)/img --size 1M")
+        try createRBDPool(pool)
+        try sh("rbd create \(pool)/img --size 1M")
         defer { _ = try? run("rbd rm --no-progress \(pool)/img; ceph osd pool rm \(pool) \(pool) --yes-i-really-really-mean-it") }
         let mount = try MountedRBDFS(["--allow-pool-delete"])
         #expect(try pythonErrno("os.rmdir(\(pyQuote(mount.path + "/" + pool)))") == "errno 39")

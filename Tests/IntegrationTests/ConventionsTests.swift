@@ -578,7 +578,7 @@ struct ConventionsTests {
     /// whether or not the image has an object map (which it needs to be read without opening).
     @Test func aListingShowsEachSnapshotsClonesAndBlocksAsLibrbdCountsThem() throws {
         let pool = uniqueName("glance")
-        try sh("ceph osd pool create \(pool) 8 >/dev/null 2>&1 && rbd pool init \(pool)")
+        try createRBDPool(pool)
         defer { _ = try? run("ceph osd pool rm \(pool) \(pool) --yes-i-really-really-mean-it") }
         let write = "rbd bench --io-type write --io-size 1M --io-pattern seq --io-total"
         try sh("""

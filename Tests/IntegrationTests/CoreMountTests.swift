@@ -172,7 +172,7 @@ struct MountLifecycleTests {
 struct LargePoolTests {
     @Test func lsOfThreeHundredImagesListsThemAllWithTheirSizes() throws {
         let pool = uniqueName("many")
-        try sh("ceph osd pool create \(pool) 8 >/dev/null 2>&1 && rbd pool init \(pool)")
+        try createRBDPool(pool)
         defer { _ = try? run("ceph osd pool rm \(pool) \(pool) --yes-i-really-really-mean-it") }
         // Sizes 1..300 MiB, so a wrong size for any entry shows.
         try sh("seq 1 300 | xargs -P 16 -I{} rbd create \(pool)/img{} --size {}M", timeout: 300)

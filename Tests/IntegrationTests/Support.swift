@@ -89,6 +89,13 @@ func sh(_ command: String, timeout: Double = 120) throws -> String {
     return result.stdout
 }
 
+/// Creates an RBD pool of 8 PGs. Its `ceph` command keeps its stderr, which `sh` looks at to retry a refused
+/// first command (a `2>&1 >/dev/null` there hid it, and one CI run failed on it).
+func createRBDPool(_ pool: String) throws {
+    try sh("ceph osd pool create \(shellQuote(pool)) 8 >/dev/null")
+    try sh("rbd pool init \(shellQuote(pool))")
+}
+
 func shellQuote(_ text: String) -> String { "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'" }
 
 /// A unique name for this test's images, so tests can share pools and run in parallel.
