@@ -97,11 +97,14 @@ public final class RBDFilesystem: @unchecked Sendable {
     var unwatchedCheck: DispatchSourceTimer?
 
     /// Gives freed memory back to the system (FUSE sets it to malloc_trim: RBDFS imports no C). Called when
-    /// the last open image closes, at most once every 10 s, after the idle read buffers are freed: streaming
-    /// leaves tens of MiB in malloc's per-thread arenas otherwise. Set before serving.
+    /// the last open image closes, after the idle read buffers are freed: streaming leaves tens of MiB in
+    /// malloc's per-thread arenas otherwise. At most once per `memoryReleaseInterval`; a close within it
+    /// has the release run at its end instead. Set before serving.
     public var releaseIdleMemory: (@Sendable () -> Void)?
-    /// When `releaseIdleMemory` last ran (guarded by `lock`).
+    public var memoryReleaseInterval: Duration = .seconds(10)
+    /// When `releaseIdleMemory` last ran, and whether a later run is scheduled (guarded by `lock`).
     private var lastMemoryRelease = ContinuousClock.now - .seconds(3600)
+    private var memoryReleaseScheduled = false
 
     public init(store: any BlockStore, options: FSOptions, logger: Logger) {
         self.store = store
@@ -707,13 +710,31 @@ public final class RBDFilesystem: @unchecked Sendable {
         releaseMemoryIfIdle()
     }
 
+    /// Frees idle memory once no image is open. A close soon after the last release schedules one for
+    /// when the interval has passed: skipped instead, the release for a stream that ends just after a
+    /// `stat` (whose temporary open counts) would wait for the next close, and the daemon keep ~60 MiB.
     private func releaseMemoryIfIdle() {
-        let due = lock.withLock { () -> Bool in
-            guard openImages.isEmpty, ContinuousClock.now - lastMemoryRelease > .seconds(10) else { return false }
-            lastMemoryRelease = ContinuousClock.now
-            return true
+        let wait = lock.withLock { () -> Duration? in
+            guard openImages.isEmpty, !memoryReleaseScheduled else { return nil }
+            let since = ContinuousClock.now - lastMemoryRelease
+            if since >= memoryReleaseInterval {
+                lastMemoryRelease = ContinuousClock.now
+                return .zero
+            }
+            memoryReleaseScheduled = true
+            return memoryReleaseInterval - since
         }
-        guard due else { return }
+        guard let wait else { return }
+        if wait > .zero {
+            let (seconds, attoseconds) = wait.components
+            let nanoseconds = Int(seconds) * 1_000_000_000 + Int(attoseconds / 1_000_000_000)
+            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(nanoseconds)) { [weak self] in
+                guard let self else { return }
+                lock.withLock { self.memoryReleaseScheduled = false }
+                releaseMemoryIfIdle()
+            }
+            return
+        }
         ReadBuffers.shared.releaseIdle()
         releaseIdleMemory?()
     }

@@ -308,3 +308,59 @@ func expectErrno(_ errno: Errno, _ body: () throws -> Void, sourceLocation: Sour
         #expect(h.store.callCount("rbd_diff_iterate2") == 1, "only the failed snapshot was opened")
     }
 }
+
+/// Idle memory (read buffers, malloc's arenas) is given back once no image is open, at most once per interval;
+/// a last close within the interval has it done at the interval's end rather than skipped.
+@Suite(.serialized) struct IdleMemoryReleaseTests {
+    final class Releases: @unchecked Sendable {
+        private let lock = NSLock()
+        private var count = 0
+        func add() { lock.withLock { count += 1 } }
+        var value: Int { lock.withLock { count } }
+    }
+
+    func poll(seconds: Double, _ condition: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while !condition() {
+            if Date() > deadline { return false }
+            usleep(20_000)
+        }
+        return true
+    }
+
+    func harness(_ releases: Releases) throws -> Harness {
+        let h = try Harness { store in
+            try store.createImage(ImageSpec(pool: "images", name: "disk"), size: 4 << 20, options: .init())
+        }
+        h.fs.memoryReleaseInterval = .milliseconds(300)
+        h.fs.releaseIdleMemory = { releases.add() }
+        return h
+    }
+
+    @Test func aCloseWithinTheIntervalReleasesAtItsEnd() throws {
+        let releases = Releases()
+        let h = try harness(releases)
+        let disk = try h.path("images", "disk")
+        h.fs.release(try h.fs.open(disk, flags: O_RDONLY))
+        #expect(releases.value == 1, "the first last-close releases at once")
+        h.fs.release(try h.fs.open(disk, flags: O_RDONLY))
+        #expect(releases.value == 1, "a second one within the interval waits")
+        #expect(poll(seconds: 3) { releases.value == 2 }, "and releases when the interval ends")
+        usleep(600_000)
+        #expect(releases.value == 2, "once")
+    }
+
+    @Test func noReleaseWhileAnImageIsOpenAgain() throws {
+        let releases = Releases()
+        let h = try harness(releases)
+        let disk = try h.path("images", "disk")
+        h.fs.release(try h.fs.open(disk, flags: O_RDONLY))
+        h.fs.release(try h.fs.open(disk, flags: O_RDONLY))
+        let file = try h.fs.open(disk, flags: O_RDONLY)
+        usleep(1_500_000)  // well past the interval, so the scheduled release has run (on a busy machine too)
+        #expect(releases.value == 1, "the scheduled release found an image open")
+        h.fs.release(file)
+        #expect(releases.value == 2, "the interval has passed: the last close releases at once")
+
+    }
+}
