@@ -98,10 +98,11 @@ public final class RBDFilesystem: @unchecked Sendable {
 
     /// Gives freed memory back to the system (FUSE sets it to malloc_trim: RBDFS imports no C). Called when
     /// the last open image closes, after the idle read buffers are freed: streaming leaves tens of MiB in
-    /// malloc's per-thread arenas otherwise. At most once per `memoryReleaseInterval`; a close within it
-    /// has the release run at its end instead. Set before serving.
+    /// malloc's per-thread arenas otherwise. At most once per `memoryReleaseInterval` (1 s: a trim costs
+    /// milliseconds, and short-lived opens, a `stat` or `ln`, come in bursts); a close within it has the
+    /// release run at its end instead. Set before serving.
     public var releaseIdleMemory: (@Sendable () -> Void)?
-    public var memoryReleaseInterval: Duration = .seconds(10)
+    public var memoryReleaseInterval: Duration = .seconds(1)
     /// When `releaseIdleMemory` last ran, and whether a later run is scheduled (guarded by `lock`).
     private var lastMemoryRelease = ContinuousClock.now - .seconds(3600)
     private var memoryReleaseScheduled = false
