@@ -265,20 +265,13 @@ private final class SnapshotDetailsReader {
 
     /// The cluster's pools but cache tiers, as librbd visits them for clone v1 children.
     private func basePools() throws -> [(name: String, id: Int64)] {
-        var pools: [(name: String, id: Int64)] = []
-        for name in try store.poolNames() {
-            let id = rados_pool_lookup(store.cluster, name)
-            if id == -ENOENT { continue }  // deleted since it was listed
-            try check(id, "rados_pool_lookup", name)
+        try store.poolIDs().filter { pool in
             var baseTier: Int64 = 0
-            let code = rados_pool_get_base_tier(store.cluster, id, &baseTier)
-            if code == -ENOENT { continue }
-            try check(code, "rados_pool_get_base_tier", name)
-            if baseTier == id {
-                pools.append((name, id))
-            }
+            let code = rados_pool_get_base_tier(store.cluster, pool.id, &baseTier)
+            if code == -ENOENT { return false }  // deleted since it was listed
+            try check(code, "rados_pool_get_base_tier", pool.name)
+            return baseTier == pool.id
         }
-        return pools
     }
 
     private func startImageReads() {

@@ -120,12 +120,7 @@ public final class CephStore: BlockStore, @unchecked Sendable {
     // MARK: Pools
 
     public func listPools() throws -> [PoolInfo] {
-        var pools: [(name: String, id: Int64)] = []
-        for name in try poolNames() {
-            let id = rados_pool_lookup(cluster, name)
-            if id == -ENOENT { continue }  // deleted since it was listed
-            pools.append((name, try check(id, "rados_pool_lookup", name)))
-        }
+        let pools = try poolIDs()
         forgetIOContexts { context in
             !pools.contains { $0.name == context.pool && $0.id == context.poolID }
         }
@@ -145,6 +140,17 @@ public final class CephStore: BlockStore, @unchecked Sendable {
     /// A pool's name by id, from the cluster map librados holds; nil for a pool that is gone.
     func poolName(id: Int64) -> String? {
         try? stringFilled("rados_pool_reverse_lookup", "pool \(id)") { rados_pool_reverse_lookup(cluster, id, $0, $1) }
+    }
+
+    /// Every pool's name and id (a pool deleted while they are looked up left out).
+    func poolIDs() throws -> [(name: String, id: Int64)] {
+        var pools: [(name: String, id: Int64)] = []
+        for name in try poolNames() {
+            let id = rados_pool_lookup(cluster, name)
+            if id == -ENOENT { continue }  // deleted since it was listed
+            pools.append((name, try check(id, "rados_pool_lookup", name)))
+        }
+        return pools
     }
 
     func poolNames() throws -> [String] {

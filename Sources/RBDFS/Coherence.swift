@@ -61,8 +61,7 @@ extension RBDFilesystem {
         lock.withLock {
             guard unwatchedCheck == nil else { return }
             let period = max(options.metadataTTL, .milliseconds(250))
-            let nanoseconds = period.components.seconds * 1_000_000_000 + period.components.attoseconds / 1_000_000_000
-            let interval = DispatchTimeInterval.nanoseconds(Int(clamping: nanoseconds))
+            let interval = period.dispatchInterval
             let timer = DispatchSource.makeTimerSource(queue: coherenceQueue)
             timer.schedule(deadline: .now() + interval, repeating: interval, leeway: .milliseconds(50))
             timer.setEventHandler { [weak self] in

@@ -727,9 +727,7 @@ public final class RBDFilesystem: @unchecked Sendable {
         }
         guard let wait else { return }
         if wait > .zero {
-            let (seconds, attoseconds) = wait.components
-            let nanoseconds = Int(seconds) * 1_000_000_000 + Int(attoseconds / 1_000_000_000)
-            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(nanoseconds)) { [weak self] in
+            DispatchQueue.global().asyncAfter(deadline: .now() + wait.dispatchInterval) { [weak self] in
                 guard let self else { return }
                 lock.withLock { self.memoryReleaseScheduled = false }
                 releaseMemoryIfIdle()
@@ -774,5 +772,12 @@ public final class RBDFilesystem: @unchecked Sendable {
         } catch {
             logger.error("\(image.path): flush at unmount failed: \(error)")
         }
+    }
+}
+
+extension Duration {
+    /// The same span for Dispatch's timers (whole nanoseconds).
+    var dispatchInterval: DispatchTimeInterval {
+        .nanoseconds(Int(clamping: components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000))
     }
 }

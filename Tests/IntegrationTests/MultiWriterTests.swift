@@ -218,7 +218,7 @@ struct MultiWriterTests {
     /// An image created through a mount is known to start empty, so while that mount holds it open an all-zero
     /// write into an object it has not written is skipped (thin import). If another mount wrote that object
     /// meanwhile, skipping would lose the zeros written last. Zero-skipping stops once the mount has lost the
-    /// exclusive lock to another client (`OpenImage.zeroSkipping`), so the zeros land.
+    /// exclusive lock to another client (`OpenImage.zerosToSkip`), so the zeros land.
     @Test func zerosWrittenAfterAnotherMountsDataReplaceIt() throws {
         let image = uniqueName("zeroskip")
         defer { RBDCLI.purge(["images/\(image)"]) }
